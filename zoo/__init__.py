@@ -1,0 +1,6 @@
+"""zoo: the classic convolutional networks in JAX/Flax, with their training and weights."""
+
+from zoo.registry import ModelInfo, create_model, list_models, model_info, register_model
+from zoo.summary import summary
+
+__all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model", "summary"]

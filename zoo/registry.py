@@ -1,0 +1,144 @@
+"""The model registry: one name -> (factory, ModelInfo) table that every entry point reads.
+
+A model family registers each variant with one call (or decorator) of `register_model`; research
+code and the scripts use `create_model`, `list_models` and `model_info` and never import a model
+class directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import importlib
+import pkgutil
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a model expects and what is known about it (timm's PretrainedCfg, in small).
+
+    Attributes:
+      name: registry name.
+      family: model family (the file under zoo/models/).
+      input_size: default input (H, W, C).
+      num_classes: default number of classes.
+      min_size: the smallest H (= W) the architecture accepts.
+      mean, std: per-channel normalisation of [0, 1] pixels.
+      resize_size, crop_size: evaluation preprocessing (resize shorter side, then centre crop);
+        None where the dataset is already at input size.
+      interpolation: resize method for evaluation.
+      paper: the reference that defines the architecture.
+      paper_top5_error: ImageNet top-5 error (%) the paper/notes report, where known.
+      top1, top5: reference accuracy (%) of torchvision's weights, where they exist.
+      torchvision_name: the torchvision builder with the same architecture, if any.
+      aux_loss_weight: weight of auxiliary classifier losses in training (GoogLeNet: 0.3).
+    """
+
+    name: str
+    family: str
+    input_size: tuple[int, int, int]
+    num_classes: int
+    min_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize_size: int | None = None
+    crop_size: int | None = None
+    interpolation: str = "bilinear"
+    paper: str = ""
+    paper_top5_error: float | None = None
+    top1: float | None = None
+    top5: float | None = None
+    torchvision_name: str | None = None
+    aux_loss_weight: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., nn.Module]
+    info: ModelInfo
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_loaded = False
+
+
+def register_model(name: str, factory: Callable[..., nn.Module] | None = None, **info: Any):
+    """Registers `factory` under `name`; usable as a call or as a decorator.
+
+    `factory(num_classes=..., dtype=..., **overrides)` must return a flax Module. `info` holds
+    the ModelInfo fields other than `name`. A duplicate name raises instead of overwriting.
+    """
+
+    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = _Entry(fn, ModelInfo(name=name, **info))
+        return fn
+
+    return add if factory is None else add(factory)
+
+
+def _load_families() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        import zoo.models  # every module in zoo/models/ is a family and registers on import
+
+        for family in pkgutil.iter_modules(zoo.models.__path__):
+            importlib.import_module(f"zoo.models.{family.name}")
+
+
+def _entry(name: str) -> _Entry:
+    _load_families()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"unknown model {name!r}{hint} (`python -m zoo list` shows all {len(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted registered names, optionally filtered by a shell pattern such as 'resnet*'."""
+    _load_families()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def model_info(name: str) -> ModelInfo:
+    """The ModelInfo of a registered model."""
+    return _entry(name).info
+
+
+def create_model(name: str, num_classes: int | None = None, *, dtype: Any = jnp.float32,
+                 **overrides: Any) -> nn.Module:
+    """Builds a registered model.
+
+    Args:
+      name: a name from `list_models()`.
+      num_classes: size of the classifier; None for the model's default, 0 for no head (the
+        model then returns pooled features).
+      dtype: compute dtype (parameters stay float32; logits are float32).
+      **overrides: architecture options of the model's module (e.g. `in_channels=1`).
+
+    Raises:
+      ValueError: unknown name or unknown option.
+    """
+    entry = _entry(name)
+    kwargs = dict(num_classes=entry.info.num_classes if num_classes is None else num_classes,
+                  dtype=dtype, **overrides)
+    try:
+        return entry.factory(**kwargs)
+    except TypeError as e:  # an unknown keyword: name the options the model has
+        module_cls = getattr(entry.factory, "func", entry.factory)
+        options = sorted(f.name for f in dataclasses.fields(module_cls)
+                         if f.name not in ("parent", "name")) if dataclasses.is_dataclass(module_cls) else []
+        raise ValueError(f"{name}: {e}; its options are {', '.join(options)}") from None
