@@ -1,0 +1,190 @@
+"""The notes' numbers: conv arithmetic, pooling worked examples, filters, LRN, the Keras table."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zoo
+from zoo import layers
+
+
+def param_count(name, **kw):
+    model = zoo.create_model(name, **kw)
+    shape = (1, *zoo.model_info(name).input_size)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("n,f,s,p,out", [
+    (7, 3, 1, 0, 5), (7, 3, 2, 0, 3),     # the 7x7 input, 3x3 filter cases
+    (7, 3, 1, 1, 7), (7, 3, 2, 1, 4),     # ... with padding 1
+    (32, 5, 1, 2, 32),                    # 32x32x3, 5x5 filters, pad 2 keeps 32
+    (4, 3, 1, 1, 4), (4, 3, 3, 1, 2),     # the 4x4 input, pad 1 table
+    (227, 11, 4, 0, 55), (55, 3, 2, 0, 27),  # AlexNet CONV1 and POOL1
+])
+def test_conv_output_size(n, f, s, p, out):
+    assert layers.conv_output_size(n, f, s, p) == out
+
+
+@pytest.mark.parametrize("n,f,s,p", [(7, 3, 3, 0), (4, 3, 2, 1)])  # 2.33 and 2.5 in the notes
+def test_conv_output_size_rejects_non_integer(n, f, s, p):
+    with pytest.raises(ValueError, match="not an integer"):
+        layers.conv_output_size(n, f, s, p)
+
+
+def test_conv_output_size_dilation():
+    assert layers.conv_output_size(7, 3, dilation=2) == 3
+
+
+def test_conv_param_count():
+    assert layers.conv_param_count(5, 3, 10) == 760          # 10 5x5x3 filters + biases
+    assert layers.conv_param_count(3, 3, 10, bias=False) == 270  # the 3x3x3x10 example
+    assert layers.conv_param_count(3, 1, 32) == 320           # Keras conv2d_3
+    assert layers.conv_param_count(3, 32, 64) == 18_496       # Keras conv2d_4
+
+
+def test_receptive_field():
+    assert layers.receptive_field([(3, 1)]) == 3
+    assert layers.receptive_field([(3, 1), (3, 1)]) == 5      # two 3x3 see 5x5
+    assert layers.receptive_field([(3, 1)] * 3) == 7
+    assert layers.receptive_field([(3, 1, 2)]) == 5           # dilated 3x3
+    assert layers.receptive_field([(11, 4), (3, 2)]) == 19    # AlexNet conv1 + pool1
+
+
+POOL6 = np.array([[1, 2, 0, 1, 3, 2], [3, 1, 2, 1, 0, 1], [0, 4, 1, 0, 2, 5],
+                  [1, 3, 2, 4, 2, 1], [1, 2, 1, 4, 1, 2], [0, 2, 5, 4, 3, 1]], np.float32)
+POOL4 = np.array([[31, 15, 28, 184], [0, 100, 70, 38], [12, 12, 7, 2], [12, 12, 45, 6]],
+                 np.float32)
+
+
+def pool(cls, x):
+    return cls(2).apply({}, jnp.asarray(x)[None, :, :, None])[0, :, :, 0]
+
+
+def test_pooling_worked_examples():
+    np.testing.assert_array_equal(pool(layers.MaxPool, POOL6), [[3, 2, 3], [4, 4, 5], [2, 5, 3]])
+    np.testing.assert_allclose(pool(layers.AvgPool, POOL6),
+                               [[1.75, 1, 1.5], [2, 1.75, 2.5], [1.25, 3.5, 1.75]])
+    np.testing.assert_array_equal(pool(layers.MinPool, POOL6), [[1, 0, 0], [0, 0, 1], [0, 1, 1]])
+    # The 4x4 slide prints max [[100, 184], [12, 45]] and average [[36, 80], [12, 15]]; the exact
+    # mean of its first window (31 + 15 + 0 + 100) / 4 is 36.5 (the slide rounds it down).
+    np.testing.assert_array_equal(pool(layers.MaxPool, POOL4), [[100, 184], [12, 45]])
+    np.testing.assert_allclose(pool(layers.AvgPool, POOL4), [[36.5, 80], [12, 15]])
+    np.testing.assert_array_equal(pool(layers.MinPool, POOL4), [[0, 28], [12, 2]])
+
+
+def test_maxpool_ceil_mode_matches_torch_rule():
+    x = jnp.arange(7 * 7, dtype=jnp.float32).reshape(1, 7, 7, 1)
+    assert layers.MaxPool(3, 2).apply({}, x).shape == (1, 3, 3, 1)
+    assert layers.MaxPool(3, 2, ceil_mode=True).apply({}, x).shape == (1, 3, 3, 1)
+    y = jnp.zeros((1, 112, 112, 1))  # GoogLeNet's first pool: 112 -> 56 with ceil_mode
+    assert layers.MaxPool(3, 2, ceil_mode=True).apply({}, y).shape == (1, 56, 56, 1)
+    assert layers.MaxPool(3, 2).apply({}, y).shape == (1, 55, 55, 1)
+
+
+def test_adaptive_avg_pool_uneven_bins():
+    x = jnp.arange(5, dtype=jnp.float32).reshape(1, 5, 1, 1) * jnp.ones((1, 1, 5, 1))
+    out = layers.AdaptiveAvgPool(3).apply({}, x)[0, :, 0, 0]
+    np.testing.assert_allclose(out, [0.5, 2.0, 3.5])  # bins [0,2), [1,4), [3,5) as in torch
+
+
+def test_sobel_on_step_image():
+    step = np.zeros((5, 6), np.float32)
+    step[:, 3:] = 1.0  # a vertical edge between columns 2 and 3
+    gx = np.asarray(layers.apply_filter(step, "sobel_x"))
+    gy = np.asarray(layers.apply_filter(step, "sobel_y"))
+    np.testing.assert_array_equal(gx, np.tile([0, 4, 4, 0], (3, 1)))
+    np.testing.assert_array_equal(gy, np.zeros((3, 4)))
+
+
+def test_apply_filter_identity_stride_and_error():
+    img = np.arange(49, dtype=np.float32).reshape(7, 7)
+    np.testing.assert_array_equal(layers.apply_filter(img, "identity", padding=1), img)
+    assert layers.apply_filter(img, "box_blur", stride=2).shape == (3, 3)
+    with pytest.raises(ValueError, match="not an integer"):
+        layers.apply_filter(img, "sharpen", stride=3)
+
+
+def lrn_reference(x, size=5, alpha=1e-4, beta=0.75, k=2.0):
+    c = x.shape[-1]
+    out = np.empty_like(x)
+    for i in range(c):
+        lo, hi = max(0, i - size // 2), min(c, i + (size - 1) // 2 + 1)
+        out[..., i] = x[..., i] / (k + alpha / size * (x[..., lo:hi] ** 2).sum(-1)) ** beta
+    return out
+
+
+def test_local_response_norm_matches_reference():
+    x = np.random.default_rng(0).normal(0, 30, (2, 3, 3, 8)).astype(np.float32)
+    for size in (5, 4):
+        got = layers.LocalResponseNorm(size=size).apply({}, jnp.asarray(x))
+        np.testing.assert_allclose(got, lrn_reference(x, size), rtol=1e-5)
+
+
+def test_keras_table_row_by_row():
+    s = zoo.summary("simple_cnn")
+    assert [(r.output_shape, r.params) for r in s.rows] == [
+        ((28, 28, 32), 320), ((14, 14, 32), 0), ((14, 14, 64), 18_496), ((7, 7, 64), 0),
+        ((7, 7, 64), 36_928), ((3, 3, 64), 0), ((576,), 0), ((64,), 36_928), ((10,), 650)]
+    assert s.total_params == 93_322
+    assert [r.receptive_field for r in s.rows[:6]] == [3, 4, 8, 10, 18, 22]
+    text = str(s)
+    assert "Total params: 93,322" in text and "(3, 3, 64)" in text
+
+
+@pytest.mark.parametrize("name,count", [("simple_cnn", 93_322), ("lenet5", 61_706),
+                                        ("strided_cnn", 4_816_258)])
+def test_param_counts(name, count):
+    assert param_count(name) == count
+    assert zoo.summary(name).total_params == count
+
+
+def test_lenet5_1998_variant_and_features():
+    assert param_count("lenet5", activation="tanh", pooling="avg") == 61_706
+    model = zoo.create_model("lenet5", num_classes=0)
+    x = jnp.ones((2, 32, 32, 1))
+    feats = model.apply(model.init(jax.random.key(0), x), x)
+    assert feats.shape == (2, 84)
+
+
+def test_strided_cnn_block_is_public_and_halves():
+    from zoo.models.simple import StridedConvBlock
+    x = jnp.ones((1, 28, 28, 3))
+    block = StridedConvBlock(16)
+    assert block.apply(block.init(jax.random.key(0), x), x).shape == (1, 14, 14, 16)
+
+
+def test_registry():
+    names = zoo.list_models()
+    assert names == sorted(names) and {"lenet5", "simple_cnn", "strided_cnn"} <= set(names)
+    assert zoo.list_models("lenet*") == ["lenet5"]
+    info = zoo.model_info("lenet5")
+    assert info.input_size == (32, 32, 1) and info.num_classes == 10
+    with pytest.raises(ValueError, match="did you mean 'simple_cnn'"):
+        zoo.create_model("simple_cnm")
+    with pytest.raises(ValueError, match="options are"):
+        zoo.create_model("lenet5", depth=3)
+    with pytest.raises(ValueError, match="already registered"):
+        zoo.register_model("lenet5", zoo.registry._entry("lenet5").factory, **{
+            k: v for k, v in vars(info).items() if k != "name"})
+
+
+@pytest.mark.parametrize("shape,match", [((2, 28, 28), "batch axis"),
+                                          ((2, 28, 28, 3), "got 3 channels"),
+                                          ((2, 16, 16, 1), "too small")])
+def test_wrong_input_is_one_clear_error(shape, match):
+    model = zoo.create_model("simple_cnn")
+    with pytest.raises(ValueError, match=match) as e:
+        model.init(jax.random.key(0), jnp.zeros(shape))
+    assert "simple_cnn expects float images of shape (N, H, W, 1)" in str(e.value)
+
+
+def test_bf16_forward_close_to_f32():
+    x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+    f32 = zoo.create_model("simple_cnn")
+    variables = f32.init(jax.random.key(0), x)
+    ref = f32.apply(variables, x)
+    out = zoo.create_model("simple_cnn", dtype=jnp.bfloat16).apply(variables, x)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.abs(ref).max()) + 1e-3)

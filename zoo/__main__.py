@@ -1,0 +1,76 @@
+"""`python -m zoo list|summary|data|bench|convert|viz ...`"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Subcommands implemented elsewhere: name -> (module with `cli(argv) -> int`, help).
+_DELEGATED = {
+    "data": ("zoo.data", "prepare a dataset offline, or measure the input pipeline"),
+    "bench": ("zoo.bench", "measure training/inference throughput, compile time and MFU"),
+    "convert": ("zoo.convert", "convert torchvision weights to an Orbax checkpoint"),
+    "viz": ("zoo.viz", "draw filters, feature maps and training curves as PNG"),
+}
+
+
+def _list(args) -> int:
+    import jax
+    import numpy as np
+
+    import zoo
+
+    rows = []
+    for name in zoo.list_models(args.pattern):
+        info = zoo.model_info(name)
+        model = zoo.create_model(name)
+        shape = jax.ShapeDtypeStruct((1, *info.input_size), np.float32)
+        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), shape)
+        params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(variables["params"]))
+        size = "x".join(map(str, info.input_size))
+        rows.append((name, f"{params:,}", size, info.family, info.torchvision_name or "-"))
+    head = ("model", "params", "input", "family", "torchvision")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.rjust(w) if i == 1 else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    return 0
+
+
+def _summary(args) -> int:
+    import zoo
+
+    shape = tuple(int(v) for v in args.input_size.split("x")) if args.input_size else None
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    print(zoo.summary(args.model, shape, **kwargs))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m zoo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="the registered models with parameter counts")
+    p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnet*'")
+    p = sub.add_parser("summary", help="per-layer table: shapes, params, FLOPs, receptive field")
+    p.add_argument("model")
+    p.add_argument("--input-size", help="HxWxC, e.g. 32x32x3 (default: the model's)")
+    p.add_argument("--num-classes", type=int)
+    for name, (_, help_) in _DELEGATED.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if argv and argv[0] in _DELEGATED:
+        return importlib.import_module(_DELEGATED[argv[0]][0]).cli(argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        return {"list": _list, "summary": _summary}[args.command](args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
