@@ -1,0 +1,114 @@
+"""VGG (Simonyan & Zisserman 2015): the paper's configuration table as data and one module.
+
+torchvision's `vgg11/13/16/19` (and `_bn`) are columns A, B, D and E with a 7x7 adaptive
+average pool before the classifier (any input >= 32). The paper's `vgg_a` ... `vgg_e` flatten
+the 7x7x512 map of a 224x224 input directly; their names are torchvision's too, so `vgg11`
+weights load into `vgg_a`. Flax names are the indices of torch's `nn.Sequential`
+(`features_<i>`, `classifier_0/3/6`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from zoo.layers import AdaptiveAvgPool, Flatten, LocalResponseNorm, MaxPool, check_input
+from zoo.registry import register_model
+
+# Table 1 of the paper, one column each: a number is a 3x3 conv (pad 1) + ReLU with that many
+# filters, (n, 1) a 1x1 conv (C's conv1-n), "M" a 2x2/2 max pool, "LRN" A-LRN's normalisation.
+CFGS: dict[str, tuple] = {
+    "A": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "A-LRN": (64, "LRN", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "B": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "C": (64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M", 512, 512, (512, 1), "M",
+          512, 512, (512, 1), "M"),
+    "D": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+          512, 512, 512, "M"),
+    "E": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+          512, 512, 512, 512, "M"),
+}
+
+
+class VGG(nn.Module):
+    """Conv [BN] ReLU stacks from `cfg`, then FC 4096, dropout, FC 4096, dropout, FC classes.
+
+    `adaptive_pool=False` is the paper's head: the input must give a 7x7 map (224x224).
+    `arch` and `min_size` are the registry name and smallest input, for the input check.
+    Initialisation is torchvision's (He fan-out convs, N(0, 0.01) dense), so the deep
+    variants without BatchNorm train from scratch.
+    """
+
+    num_classes: int = 1000
+    in_channels: int = 3
+    cfg: tuple = CFGS["A"]
+    batch_norm: bool = False
+    adaptive_pool: bool = True
+    arch: str = "vgg11"
+    min_size: int = 32
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        check_input(x, self.arch, self.in_channels, self.min_size)
+        x = x.astype(self.dtype)
+        i = 0  # index in torch's nn.Sequential: conv, BN, ReLU, pool and LRN take one each
+        for v in self.cfg:
+            name = f"features_{i}"
+            if v == "M":
+                x = MaxPool(2, 2, name=name)(x)
+            elif v == "LRN":
+                x = LocalResponseNorm(name=name)(x)
+            else:
+                width, k = v if isinstance(v, tuple) else (v, 3)
+                x = nn.Conv(width, (k, k), padding=k // 2, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name,
+                            kernel_init=nn.initializers.variance_scaling(2.0, "fan_out",
+                                                                         "normal"))(x)
+                if self.batch_norm:
+                    i += 1
+                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                     dtype=self.dtype, param_dtype=self.param_dtype,
+                                     axis_name=self.axis_name, name=f"features_{i}")(x)
+                x = nn.relu(x)
+                i += 1
+            i += 1
+        if self.adaptive_pool:
+            x = AdaptiveAvgPool(7, name="avgpool")(x)
+        elif x.shape[1:3] != (7, 7):
+            raise ValueError(f"{self.arch} expects images of shape (N, {self.min_size}, "
+                             f"{self.min_size}, {self.in_channels}): its first FC layer takes "
+                             f"a 7x7 map, got {x.shape[1]}x{x.shape[2]}")
+        x = Flatten(name="flatten")(x)
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         kernel_init=nn.initializers.normal(0.01), name=name)
+        drop = lambda name: nn.Dropout(0.5, deterministic=not train, name=name)
+        x = nn.relu(dense(4096, "classifier_0")(x))
+        x = nn.relu(dense(4096, "classifier_3")(drop("classifier_2")(x)))
+        if not self.num_classes:
+            return x.astype(jnp.float32)
+        return dense(self.num_classes, "classifier_6")(drop("classifier_5")(x)).astype(jnp.float32)
+
+
+_INFO = dict(family="vgg", input_size=(224, 224, 3), num_classes=1000, resize_size=256,
+             crop_size=224, paper_top5_error=7.5,
+             paper="Simonyan & Zisserman 2015, Very deep convolutional networks for large-scale "
+                   "image recognition")
+_TORCHVISION = {  # name: (column, batch norm, torchvision's top-1, top-5)
+    "vgg11": ("A", False, 69.02, 88.628), "vgg11_bn": ("A", True, 70.37, 89.81),
+    "vgg13": ("B", False, 69.928, 89.246), "vgg13_bn": ("B", True, 71.586, 90.374),
+    "vgg16": ("D", False, 71.592, 90.382), "vgg16_bn": ("D", True, 73.36, 91.516),
+    "vgg19": ("E", False, 72.376, 90.876), "vgg19_bn": ("E", True, 74.218, 91.842),
+}
+for _name, (_col, _bn, _top1, _top5) in _TORCHVISION.items():
+    register_model(_name, partial(VGG, cfg=CFGS[_col], batch_norm=_bn, arch=_name), min_size=32,
+                   torchvision_name=_name, top1=_top1, top5=_top5, **_INFO)
+for _col in CFGS:
+    _name = "vgg_" + _col.lower().replace("-", "_")
+    register_model(_name, partial(VGG, cfg=CFGS[_col], adaptive_pool=False, arch=_name,
+                                  min_size=224), min_size=224, **_INFO)
