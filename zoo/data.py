@@ -172,6 +172,8 @@ def _random_resized_crop(jpeg, seed, size: int):
 def _preprocess_fn(spec: DatasetSpec, info: ModelInfo, size: tuple[int, int, int], train: bool,
                    augment: bool):
     h, w, c = size
+    # torchvision's eval ratio (256 -> 224) kept at any crop size; no margin without one
+    resize = round(h * info.resize_size / info.crop_size) if info.resize_size else h
 
     def small(image, seed):
         image = tf.cast(image, tf.float32) / 255.0
@@ -186,17 +188,13 @@ def _preprocess_fn(spec: DatasetSpec, info: ModelInfo, size: tuple[int, int, int
             image = _random_resized_crop(image, seed, h)
         else:
             image = tf.cast(tf.io.decode_jpeg(image, channels=3), tf.float32) / 255.0
-            image = _resize_shorter_center_crop(image, info.resize_size or h, info.crop_size or h)
+            image = _resize_shorter_center_crop(image, resize, h)
         return _to_channels(image, c)
 
     def folder(path, seed):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         image = tf.cast(image, tf.float32) / 255.0
-        if info.resize_size and info.crop_size == h:
-            image = _resize_shorter_center_crop(image, info.resize_size, h)
-        else:
-            image = tf.image.resize(image, (h, w), method="bilinear", antialias=True)
-        return _to_channels(image, c)
+        return _to_channels(_resize_shorter_center_crop(image, resize, h), c)
 
     fn = {"small": small, "imagenet": jpeg, "folder": folder}[spec.kind]
 
@@ -232,7 +230,7 @@ def _source(spec: DatasetSpec, split: str) -> tf.data.Dataset:
 def _process_split(spec: DatasetSpec, split: str, num_examples: int | None, index: int,
                    count: int) -> tuple[str, int]:
     """This process's part of the split and the size of the largest part."""
-    total = spec.splits.get(split.split("[")[0], 0) if "[" not in split else None
+    total = spec.splits.get(split) or None  # unknown for slices and unprepared metadata
     if num_examples is not None:
         split, total = f"{split}[:{num_examples}]", num_examples
     if total is None:
