@@ -82,7 +82,9 @@ class _Pool(nn.Module):
     padding: int = 0
     ceil_mode: bool = False
 
-    def _reduce(self, x, init, op):
+    def _reduce(self, x, init: float, op):
+        # `init` stays a Python scalar: lax then recognises the max/min/add monoid and the
+        # pooling is differentiable (a traced init value would not be)
         s = self.stride or self.window
         pads = [(0, 0)] + [_pool_padding(n, self.window, s, self.padding, self.ceil_mode)
                            for n in x.shape[1:3]] + [(0, 0)]
@@ -95,7 +97,7 @@ class MaxPool(_Pool):
 
     @nn.compact
     def __call__(self, x):
-        return self._reduce(x, jnp.array(-jnp.inf, x.dtype), lax.max)[0]
+        return self._reduce(x, -jnp.inf, lax.max)[0]
 
 
 class MinPool(_Pool):
@@ -103,7 +105,7 @@ class MinPool(_Pool):
 
     @nn.compact
     def __call__(self, x):
-        return self._reduce(x, jnp.array(jnp.inf, x.dtype), lax.min)[0]
+        return self._reduce(x, jnp.inf, lax.min)[0]
 
 
 class AvgPool(_Pool):
@@ -113,12 +115,12 @@ class AvgPool(_Pool):
 
     @nn.compact
     def __call__(self, x):
-        total, pads = self._reduce(x, jnp.array(0, x.dtype), lax.add)
+        total, pads = self._reduce(x, 0.0, lax.add)
         if self.count_include_pad and not self.ceil_mode:
             return total / (self.window * self.window)
         ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
         s = self.stride or self.window
-        count = lax.reduce_window(ones, jnp.array(0, x.dtype), lax.add,
+        count = lax.reduce_window(ones, 0.0, lax.add,
                                   (1, self.window, self.window, 1), (1, s, s, 1), pads)
         return total / count
 
