@@ -45,6 +45,7 @@ def parse(argv):
     p.add_argument("--allow-fallback", action="store_true",
                    help="resume from an older checkpoint when the newest is damaged")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--export", help="also write the final model + model card to this directory")
     p.add_argument("--coordinator", help="multi-host: coordinator host:port")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
@@ -78,7 +79,7 @@ def config_from_args(args):
         data_dir=args.data_dir, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         max_to_keep=args.max_to_keep, allow_fallback=args.allow_fallback,
-        progress=not args.no_progress)
+        progress=not args.no_progress, export=args.export)
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -57,7 +58,7 @@ RECIPES: dict[str, Recipe] = {
     "lenet5_fashion_mnist": Recipe("adam", 2e-3, 64, 15, "cosine"),
     # He et al. 2016 §4.2: SGD 0.1, momentum 0.9, wd 1e-4, /10 at 50% and 75%, batch 128.
     "resnet20_cifar10": Recipe("momentum", 0.1, 128, 182, "step", weight_decay=1e-4),
-    "resnet20_fashion_mnist": Recipe("momentum", 0.1, 128, 20, "warmup_cosine", 1,
+    "resnet20_fashion_mnist": Recipe("momentum", 0.1, 128, 12, "warmup_cosine", 1,
                                      weight_decay=5e-4, augment=True),
     # Goyal et al. / torchvision-style ResNet-50 on ImageNet.
     "resnet50_imagenet": Recipe("nesterov", 0.1, 256, 90, "warmup_cosine", 5, 1e-4, 0.1,
@@ -89,6 +90,7 @@ class TrainConfig:
     max_to_keep: int = 3
     allow_fallback: bool = False
     progress: bool = True
+    export: str | None = None  # write the final model (save_model + model card) here
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -424,7 +426,37 @@ def train(config: TrainConfig) -> dict:
     writer = _Writer(workdir, lead)
     writer.write(final)
     writer.close()
+    if config.export and lead:
+        _export(config, model, _variables(host_state(state)), final)
     return final
+
+
+def _export(config: TrainConfig, model, variables, final: dict) -> None:
+    """Writes the run's final model with a model card (what `checkpoints/` ships)."""
+    import platform
+
+    import flax as flax_pkg
+
+    from zoo.checkpoints import save_model
+
+    records = [json.loads(line) for line in
+               (Path(config.workdir) / "metrics.jsonl").read_text().splitlines()]
+    params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
+    card = {"dataset": config.dataset, "image_size": list(config.image_shape),
+            "recipe": config.recipe_name, "recipe_config": dataclasses.asdict(config.recipe),
+            "epochs": final["epoch"], "steps": final["step"], "seed": config.seed,
+            "test_top1": final["test_top1"], "test_top5": final["test_top5"],
+            "test_loss": final["test_loss"], "test_examples": final["test_examples"],
+            "param_count": params, "jax": jax.__version__, "flax": flax_pkg.__version__,
+            "train_seconds": round(sum(r.get("seconds", 0.0) for r in records), 1),
+            "machine": f"{platform.machine()}, {jax.device_count()} x "
+                       f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores",
+            "command": f"python train.py --model {config.model} --dataset {config.dataset}"
+                       + (f" --image-size {'x'.join(map(str, config.image_shape))}"
+                          if config.image_size else "") + f" --export {config.export}"}
+    save_model(config.export, model_name=config.model, variables=jax.device_get(variables),
+               card=card, create_kwargs=config.create_kwargs())
+    print(f"exported the final model to {config.export}", file=sys.stderr)
 
 
 def _variables(state: TrainState) -> dict:
@@ -456,7 +488,7 @@ def _log(pending, step, steps_per_epoch, schedule, t0, last, batch) -> dict:
             "lr": float(schedule(step - 1)), "train_loss": mean["loss"],
             "train_top1": 100 * mean["top1"], "train_top5": 100 * mean["top5"],
             "images_per_sec": (step - last) * batch / max(elapsed, 1e-9),
-            "wall_time": time.time()}
+            "seconds": elapsed, "wall_time": time.time()}
 
 
 def _card(config: TrainConfig, record: dict) -> dict:
