@@ -38,7 +38,7 @@ def plot_kernels(image: np.ndarray, path, kernels: Sequence[str] = KERNEL_PANELS
     """The notes' hand-made filters applied to one grayscale image, side by side.
 
     Each panel is the 'same'-padded response of one kernel of `zoo.layers.KERNELS`; the last
-    panel is the Sobel gradient magnitude sqrt(Gx^2 + Gy^2). Figure: 2 rows of 4 panels, 800x450.
+    panel is the Sobel gradient magnitude sqrt(Gx^2 + Gy^2). Figure: 2 rows of 5 panels, 1000x450 pixels.
     Returns the images drawn, by panel name ('original', kernel names, 'sobel_magnitude').
     """
     image = np.asarray(image, np.float32).squeeze()
@@ -48,9 +48,9 @@ def plot_kernels(image: np.ndarray, path, kernels: Sequence[str] = KERNEL_PANELS
     gx = panels.get("sobel_x", np.asarray(layers.apply_filter(image, "sobel_x", padding=1)))
     gy = panels.get("sobel_y", np.asarray(layers.apply_filter(image, "sobel_y", padding=1)))
     panels["sobel_magnitude"] = np.sqrt(gx ** 2 + gy ** 2)
-    cols = 4
+    cols = 5
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(8, 2.25 * rows))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.25 * rows))
     for ax, (name, img) in zip(axes.flat, panels.items()):
         ax.imshow(img, cmap="gray")
         ax.set_title(name.replace("_", " "), fontsize=9)
