@@ -118,7 +118,7 @@ def load_model(directory) -> tuple[nn.Module, dict, ModelInfo, dict]:
       CheckpointError: missing directory, no complete checkpoint, damaged files, or variables
         that do not fit the model the card names.
     """
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # Orbax reads relative paths' metadata as empty
     if (directory / "model_card.json").is_file():
         card = json.loads((directory / "model_card.json").read_text())
         model = create_model(card["model"], **card.get("create_kwargs", {}))
@@ -153,6 +153,7 @@ def _restore(path: Path, abstract: dict, model_name: str) -> dict:
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}); the checkpoint is "
                               "damaged") from None
     stored_tree = getattr(stored, "item_metadata", stored)
+    stored_tree = getattr(stored_tree, "tree", stored_tree)
     want = jax.tree_util.tree_flatten_with_path(abstract)[0]
     have = dict(jax.tree_util.tree_flatten_with_path(dict(stored_tree))[0])
     wrong = [jax.tree_util.keystr(k) for k, v in want
