@@ -286,3 +286,21 @@ def test_save_and_load_model_round_trip(tmp_path):
     card_path.write_text(card_path.read_text().replace('"lenet5"', '"simple_cnn"', 1))
     with pytest.raises(checkpoints.CheckpointError, match="does not hold simple_cnn variables"):
         checkpoints.load_model(tmp_path / "m")
+
+
+def test_smoke_train_on_real_fashion_mnist(fashion_mnist):
+    """simple_cnn on 512 real images: the loss of the last steps is well below the first."""
+    from zoo import data
+
+    info = zoo.model_info("simple_cnn")
+    batches = data.make_dataset("fashion_mnist", "train", info=info, global_batch_size=64,
+                                train=True, num_examples=512)
+    model = zoo.create_model("simple_cnn")
+    tx = training.make_optimizer(training.Recipe("adam", 1e-3), lambda s: 1e-3)
+    state = training.create_train_state(model, tx, info.input_size)
+    step = jax.jit(training.train_step)
+    losses = []
+    for _ in range(40):  # 5 epochs of the 512 images
+        state, metrics = step(state, next(batches))
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:8]), losses
