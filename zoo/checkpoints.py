@@ -154,6 +154,9 @@ def _restore(path: Path, abstract: dict, model_name: str) -> dict:
                               "damaged") from None
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
+    if not stored_tree:  # e.g. a zeroed _METADATA file
+        raise CheckpointError(f"cannot read the variable tree of {path}; the checkpoint is "
+                              "damaged")
     want = jax.tree_util.tree_flatten_with_path(abstract)[0]
     have = dict(jax.tree_util.tree_flatten_with_path(dict(stored_tree))[0])
     wrong = [jax.tree_util.keystr(k) for k, v in want
