@@ -1,8 +1,10 @@
 """Train a zoo model: `python train.py --model simple_cnn --dataset fashion_mnist`.
 
-Intentionally short: the step, the loop, checkpoints and data live in the `zoo` package. Runs
-resume from the newest checkpoint in --workdir, which also receives config.json, metrics.jsonl,
-TensorBoard events and `best/` (the best model by eval top-1).
+Intentionally short: the step, the loop, checkpoints and data live in the `zoo` package. A run
+resumes from the newest complete checkpoint in --workdir, which also receives config.json,
+metrics.jsonl, TensorBoard events and the Orbax checkpoints (the newest --max-to-keep plus the
+best by eval top-1). Exit status: 0 done, 1 diverged (NaN/inf loss), 2 bad input (one line
+`error: ...`, the workdir left as it was), 128+N stopped by signal N after saving.
 """
 
 from __future__ import annotations
@@ -15,68 +17,88 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's usage block is noise in logs)
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _image_size(text: str) -> tuple[int, int, int]:
+    try:
+        size = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxWxC, e.g. 32x32x1")
+    return size
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="a name from `python -m zoo list`")
     p.add_argument("--dataset", required=True,
-                   help="mnist, fashion_mnist, cifar10, cifar100, imagenet2012")
+                   help="mnist, fashion_mnist, cifar10, cifar100, imagenet2012, image_folder:PATH")
     p.add_argument("--workdir", help="default: runs/MODEL_DATASET")
-    p.add_argument("--recipe", help="named recipe (default: MODEL_DATASET if one exists)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--steps", type=int, help="total steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, help="global batch size")
-    p.add_argument("--optimizer", help="sgd, momentum, nesterov, adam, adamw, rmsprop, lamb")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--schedule", help="constant, step, cosine, warmup_cosine")
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--data-dir", help="TFDS data directory")
+    g = p.add_argument_group("recipe (defaults: --recipe, else MODEL_DATASET, else Adam 1e-3)")
+    g.add_argument("--recipe", help="a named recipe from zoo.training.RECIPES")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--steps", type=int, help="total steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, help="global batch size (all devices)")
+    g.add_argument("--optimizer", help="sgd, momentum, nesterov, adam, adamw, rmsprop, lamb")
+    g.add_argument("--lr", type=float, help="peak learning rate (per 256 images for recipes "
+                                            "with linear scaling)")
+    g.add_argument("--schedule", help="constant, step, cosine, warmup_cosine")
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--weight-decay", type=float, help="on conv/dense kernels only")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="the dataset's training augmentation (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype; parameters and the loss stay float32")
     p.add_argument("--parallel", default="jit", choices=["jit", "pmap"])
-    p.add_argument("--image-size", help="HxWxC fed to the model (default: the model's)")
+    p.add_argument("--image-size", type=_image_size,
+                   help="HxWxC fed to the model, resizing the data (default: the model's size "
+                        "with the dataset's channels)")
     p.add_argument("--in-channels", type=int, help="build the model for this many channels")
-    p.add_argument("--data-dir")
-    p.add_argument("--eval-every", type=int, help="steps (default: every epoch)")
-    p.add_argument("--checkpoint-every", type=int, help="steps (default: every epoch)")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--max-to-keep", type=int, default=3)
+    p.add_argument("--num-classes", type=int, help="default: the dataset's")
+    p.add_argument("--eval-every", type=int, help="steps (default: once an epoch)")
+    p.add_argument("--checkpoint-every", type=int,
+                   help="steps (epoch ends and evaluations are always saved)")
+    p.add_argument("--log-every", type=int, default=50, help="steps")
+    p.add_argument("--max-to-keep", type=int, default=3,
+                   help="newest checkpoints kept (the best by eval top-1 is kept too)")
     p.add_argument("--allow-fallback", action="store_true",
-                   help="resume from an older checkpoint when the newest is damaged")
-    p.add_argument("--no-progress", action="store_true")
+                   help="resume from the previous checkpoint when the newest is damaged")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--export", help="also write the final model + model card to this directory")
-    p.add_argument("--coordinator", help="multi-host: coordinator host:port")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    h = p.add_argument_group("multi-host (default: detected from SLURM / Open MPI / TPU)")
+    h.add_argument("--coordinator", help="HOST:PORT of process 0")
+    h.add_argument("--num-processes", type=int)
+    h.add_argument("--process-id", type=int)
     return p.parse_args(argv)
 
 
 def config_from_args(args):
+    """The TrainConfig of the flags: a recipe, with any recipe flag overriding its field."""
     from zoo import training
 
     name = args.recipe or training.default_recipe_name(args.model, args.dataset)
     if name is not None and name not in training.RECIPES:
         raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(training.RECIPES)}")
-    recipe = training.RECIPES.get(name, training.Recipe())
+    recipe = training.RECIPES[name] if name else training.Recipe()
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                  "optimizer": args.optimizer, "schedule": args.schedule,
                  "warmup_epochs": args.warmup_epochs, "weight_decay": args.weight_decay,
                  "label_smoothing": args.label_smoothing, "augment": args.augment}
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
-    if recipe.optimizer not in training.OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {recipe.optimizer!r}; use "
-                         f"{', '.join(training.OPTIMIZERS)}")
-    image_size = tuple(int(v) for v in args.image_size.split("x")) if args.image_size else None
-    if image_size is not None and len(image_size) != 3:
-        raise ValueError("--image-size takes HxWxC, e.g. 32x32x1")
     return training.TrainConfig(
         model=args.model, dataset=args.dataset,
-        workdir=args.workdir or f"runs/{args.model}_{args.dataset}", recipe=recipe,
-        recipe_name=name, steps=args.steps, seed=args.seed, dtype=args.dtype,
-        parallel=args.parallel, image_size=image_size,
-        in_channels=args.in_channels or (image_size[2] if image_size else None),
-        data_dir=args.data_dir, eval_every=args.eval_every,
+        workdir=args.workdir or os.path.join("runs", f"{args.model}_{args.dataset}"),
+        recipe=recipe, recipe_name=name, steps=args.steps, seed=args.seed, dtype=args.dtype,
+        parallel=args.parallel, image_size=args.image_size, in_channels=args.in_channels,
+        num_classes=args.num_classes, data_dir=args.data_dir, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         max_to_keep=args.max_to_keep, allow_fallback=args.allow_fallback,
         progress=not args.no_progress, export=args.export)
@@ -86,21 +108,31 @@ def main(argv=None) -> int:
     args = parse(argv)
     from zoo import parallel, training
 
-    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     try:
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         config = config_from_args(args)
         final = training.train(config)
-    except (ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:  # bad flags, data not prepared, unreadable checkpoint
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 130
-    print(f"test top-1 {final['test_top1']:.2f}%  top-5 {final['test_top5']:.2f}%  "
-          f"({final['test_examples']} images, {config.model} on {config.dataset}, "
-          f"step {final['step']})")
+    except FloatingPointError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except training.Interrupted as e:
+        print(f"stopped by {e}", file=sys.stderr)
+        return 128 + e.signum
+    if parallel.is_lead():
+        print(f"test top-1 {final['test_top1']:.2f}%  top-5 {final['test_top5']:.2f}%  "
+              f"loss {final['test_loss']:.4f}  ({final['test_examples']} {final['split']} "
+              f"images, {config.model} on {config.dataset}, step {final['step']}, epoch "
+              f"{final['epoch']:g})", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code > 128:  # stopped by a signal, the state saved: don't wait for tf.data threads to wind
+        sys.stdout.flush()  # down (a preempted job has seconds, not minutes)
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

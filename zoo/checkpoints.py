@@ -1,17 +1,21 @@
 """Orbax checkpoints behind one small module.
 
 Two layouts:
-- a train.py workdir: `config.json` + `checkpoints/<step>/` (the full TrainState, written
-  asynchronously by `TrainCheckpointer`; Orbax writes `<step>.orbax-checkpoint-tmp-*` first and
-  renames it when complete, so a run killed mid-save never leaves a step that looks finished);
+- a train.py workdir: `config.json` + `checkpoints/<step>/`, the full train state (step, params,
+  batch_stats, opt_state, rng) written asynchronously by `TrainCheckpointer`. Orbax writes
+  `<step>.orbax-checkpoint-tmp*` first and renames it when complete, so a run killed mid-save
+  never leaves a step that looks finished. The newest `max_to_keep` steps are kept, plus the
+  step with the best eval top-1 (`load_model(workdir, step="best")`).
 - an exported model: `model_card.json` + `variables/` (params and batch_stats only), written by
-  `save_model` for converted torchvision weights, the best model of a run and `checkpoints/`.
-`load_model` reads either.
+  `save_model` for converted torchvision weights, `train.py --export` and `checkpoints/`.
+
+`load_model` reads either, or one step directory `WORKDIR/checkpoints/<step>`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -19,80 +23,162 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
 from zoo.registry import ModelInfo, create_model, model_info
+
+BEST_METRIC = "eval_top1"
+
+
+class _QuietUnevaluatedSaves(logging.Filter):
+    """Orbax warns on every save without metrics once `best_fn` is set; only evaluated steps
+    carry an eval top-1 here, by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietUnevaluatedSaves())
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, damaged or of another model."""
 
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                       sharding=getattr(x, "sharding", None)),
-                        tree)
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def abstract_like(tree: Any, sharding=None) -> Any:
+    """ShapeDtypeStructs of a pytree's arrays, placed on `sharding` (default: their own)."""
+    def leaf(x):
+        s = sharding if sharding is not None else getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
+    return jax.tree.map(leaf, tree)
 
 
 class TrainCheckpointer:
-    """Async full-state checkpoints of a run, newest `max_to_keep` kept."""
+    """Async full-state checkpoints of a run: the newest `max_to_keep` plus the best by
+    eval top-1 (steps saved with `metrics={'eval_top1': ...}`).
 
-    def __init__(self, workdir, max_to_keep: int = 3):
+    Every process of a multi-host run makes the same calls (saving is collective).
+    """
+
+    def __init__(self, workdir, max_to_keep: int = 3, keep_best: bool = True):
+        if max_to_keep < 1:
+            raise ValueError(f"--max-to-keep must be at least 1, not {max_to_keep}")
         self.directory = Path(workdir).absolute() / "checkpoints"
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=True))
+        policies = [cm.LatestN(n=max_to_keep)]
+        if keep_best:
+            policies.append(cm.BestN(get_metric_fn=_best_metric, n=1,
+                                     keep_checkpoints_without_metrics=False))
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, item_handlers=ocp.StandardCheckpointHandler(),
+                options=ocp.CheckpointManagerOptions(
+                    best_fn=_best_metric, best_mode="max",
+                    preservation_policy=cm.AnyPreservationPolicy(policies),
+                    enable_async_checkpointing=True))
+        except Exception as e:  # a damaged step's metadata, an unreadable directory
+            raise CheckpointError(f"cannot read the checkpoints in {self.directory} "
+                                  f"({_first_line(e)})") from None
 
-    def save(self, step: int, state: dict) -> None:
-        """Starts saving `state` (a dict of arrays) as `step`; returns once it is copied off."""
-        if step not in self.manager.all_steps():
-            self.manager.save(step, args=ocp.args.StandardSave(state))
+    def steps(self) -> list[int]:
+        """Complete steps, oldest first (partially written ones are never listed)."""
+        return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state: dict, allow_fallback: bool = False
-                       ) -> tuple[int, dict] | None:
-        """(step, state) of the newest readable step, or None for a fresh workdir.
+    def best_step(self) -> int | None:
+        steps = self.steps()
+        best = self.manager.best_step()
+        return best if best in steps else None
 
-        A damaged newest step raises CheckpointError naming it, unless `allow_fallback`, which
-        goes back to the previous readable step (and says so on stderr).
+    def save(self, step: int, state: dict, metrics: dict | None = None) -> None:
+        """Starts saving `state` (a pytree of arrays) as `step`; returns once it is copied off
+        the devices, while the files are written in the background."""
+        if step in self.manager.all_steps():
+            return
+        metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
+        self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+
+    def restore(self, abstract_state: Any, step: int | None = None, allow_fallback: bool = False
+                ) -> tuple[int, Any] | None:
+        """(step, state) of `step`, or of the newest readable step; None for a fresh workdir.
+
+        `abstract_state` gives the tree structure, shapes, dtypes and target shardings (any
+        device count: Orbax reshards). A damaged newest step raises CheckpointError naming it,
+        unless `allow_fallback`, which goes back to the previous readable step and says so.
         """
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        for i, step in enumerate(steps):
+        steps = sorted(self.steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no complete checkpoint of step {step} in "
+                                      f"{self.directory} (steps: {sorted(steps) or 'none'})")
+            steps = [step]
+        for i, s in enumerate(steps):
             try:
-                return step, self.manager.restore(
-                    step, args=ocp.args.StandardRestore(abstract_state))
+                return s, self.manager.restore(s, args=ocp.args.StandardRestore(abstract_state))
             except Exception as e:  # Orbax/TensorStore raise many types for damaged files
                 older = steps[i + 1] if i + 1 < len(steps) else None
-                if not allow_fallback:
-                    hint = (f"pass --allow-fallback to resume from step {older}" if older is not None
-                            else "no older checkpoint exists; delete it to start over")
-                    raise CheckpointError(
-                        f"checkpoint step {step} in {self.directory} cannot be read "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); {hint}") from None
-                print(f"warning: checkpoint step {step} is unreadable; falling back to step "
-                      f"{older}", file=sys.stderr)
+                if not allow_fallback or older is None:
+                    hint = ("no older checkpoint exists; move it away to start over"
+                            if older is None else
+                            f"pass --allow-fallback to resume from step {older} instead")
+                    raise CheckpointError(f"checkpoint step {s} in {self.directory} cannot be "
+                                          f"read ({_first_line(e)}); {hint}") from None
+                print(f"warning: checkpoint step {s} is unreadable ({_first_line(e)}); falling "
+                      f"back to step {older} (--allow-fallback)", file=sys.stderr)
         return None
 
+    def item_metadata(self, step: int) -> Any:
+        """The stored tree of `step` (shapes and dtypes, no data)."""
+        try:
+            meta = self.manager.item_metadata(step)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read "
+                                  f"({_first_line(e)})") from None
+        return getattr(meta, "tree", meta)
+
     def wait(self) -> None:
+        """Blocks until every started save is on disk."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _best_metric(metrics) -> float:
+    return float(metrics.get(BEST_METRIC, float("-inf"))) if metrics else float("-inf")
+
+
+# ---------------------------------------------------------------- exported models
 
 def save_model(directory, *, model_name: str, variables: dict, card: dict,
                create_kwargs: dict | None = None) -> None:
     """Exports a model: `variables/` (Orbax) and `model_card.json`, replacing the directory whole.
 
     The card records everything needed to rebuild the module: {'model': name, 'create_kwargs':
-    {...}} plus the caller's fields (dataset, accuracy, source, ...).
+    {...}} plus the caller's fields (dataset, accuracy, source, ...). Runs on the calling
+    process alone (in a multi-host run, call it from process 0 only).
     """
     directory = Path(directory).absolute()
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-    with ocp.StandardCheckpointer() as ckptr:
+    variables = {k: jax.tree.map(np.asarray, jax.device_get(v)) for k, v in variables.items()
+                 if k in ("params", "batch_stats") and v}
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
         ckptr.save(tmp / "variables", variables)
     full_card = {"model": model_name, "create_kwargs": create_kwargs or {}, **card}
     (tmp / "model_card.json").write_text(json.dumps(full_card, indent=2) + "\n")
@@ -111,12 +197,17 @@ def _abstract_variables(model: nn.Module, image_size) -> dict:
     return jax.eval_shape(lambda a: model.init(jax.random.key(0), a, train=False), x)
 
 
-def load_model(directory) -> tuple[nn.Module, dict, ModelInfo, dict]:
+def load_model(directory, step: int | str | None = None
+               ) -> tuple[nn.Module, dict, ModelInfo, dict]:
     """(model, variables, info, card) from an exported model dir or a train.py workdir.
 
+    Args:
+      directory: an exported model (model_card.json), a train.py workdir (config.json; its
+        newest complete step) or one of its step directories (`WORKDIR/checkpoints/<step>`).
+      step: for a workdir, a step number or "best" (the best eval top-1) instead of the newest.
     Raises:
-      CheckpointError: missing directory, no complete checkpoint, damaged files, or variables
-        that do not fit the model the card names.
+      CheckpointError: missing directory, no complete checkpoint, damaged files (the step is
+        named), or variables that do not fit the model the card names.
     """
     directory = Path(directory).absolute()  # Orbax reads relative paths' metadata as empty
     if (directory / "model_card.json").is_file():
@@ -126,49 +217,91 @@ def load_model(directory) -> tuple[nn.Module, dict, ModelInfo, dict]:
         abstract = _abstract_variables(model, card.get("image_size") or info.input_size)
         variables = _restore(directory / "variables", abstract, card["model"])
         return model, variables, info, card
+    if (directory.parent.name == "checkpoints" and directory.name.isdigit()
+            and (directory.parent.parent / "config.json").is_file()):
+        return load_model(directory.parent.parent, int(directory.name))
     if (directory / "config.json").is_file():
-        from zoo import training
-
-        config = training.TrainConfig.load(directory / "config.json")
-        model, info, state = training.restore_for_eval(config, directory)
-        card = {"model": config.model, "dataset": config.dataset,
-                "image_size": list(config.image_shape), "step": int(state["step"]),
-                "create_kwargs": config.create_kwargs()}
-        variables = {"params": state["params"]}
-        if state.get("batch_stats"):
-            variables["batch_stats"] = state["batch_stats"]
-        return model, variables, info, card
+        return _load_workdir(directory, step)
     if not directory.exists():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     raise CheckpointError(f"{directory} is neither an exported model (model_card.json) nor a "
                           "train.py workdir (config.json)")
 
 
-def _restore(path: Path, abstract: dict, model_name: str) -> dict:
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+def _load_workdir(directory: Path, step: int | str | None):
+    """The params/batch_stats of one step of a train.py workdir, on the default device."""
+    config = json.loads((directory / "config.json").read_text())
+    create_kwargs = config.get("create_kwargs") or {}
+    model = create_model(config["model"], **create_kwargs)
+    info = model_info(config["model"])
+    ckpt = TrainCheckpointer(directory)
     try:
-        stored = ocp.StandardCheckpointer().metadata(path)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}); the checkpoint is "
-                              "damaged") from None
-    stored_tree = getattr(stored, "item_metadata", stored)
-    stored_tree = getattr(stored_tree, "tree", stored_tree)
-    if not stored_tree:  # e.g. a zeroed _METADATA file
-        raise CheckpointError(f"cannot read the variable tree of {path}; the checkpoint is "
-                              "damaged")
-    want = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    have = dict(jax.tree_util.tree_flatten_with_path(dict(stored_tree))[0])
-    wrong = [jax.tree_util.keystr(k) for k, v in want
-             if k not in have or tuple(have[k].shape) != tuple(v.shape)]
-    extra = set(have) - {k for k, _ in want}
+        steps = ckpt.steps()
+        if not steps:
+            raise CheckpointError(f"{directory} has no complete checkpoint yet")
+        if step == "best":
+            step = ckpt.best_step()
+            if step is None:
+                raise CheckpointError(f"{directory} has no checkpoint with an eval top-1")
+        step = steps[-1] if step is None else int(step)
+        stored = ckpt.item_metadata(step) if step in steps else None
+        if stored is None:
+            raise CheckpointError(f"no complete checkpoint of step {step} in {directory} "
+                                  f"(steps: {steps})")
+        # the stored tree gives every leaf's shape; opt_state is read too (tuples come back as
+        # lists without the optimizer, which evaluation does not need)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                                               sharding=device), dict(stored))
+        _, state = ckpt.restore(abstract, step=step)
+    finally:
+        ckpt.close()
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    image_size = config.get("image_size") or info.input_size
+    want = _abstract_variables(model, image_size)
+    _check_tree(want, variables, directory / "checkpoints" / str(step), config["model"])
+    card = {"model": config["model"], "dataset": config["dataset"],
+            "image_size": list(image_size), "step": int(np.asarray(state["step"])),
+            "create_kwargs": create_kwargs, "recipe": config.get("recipe_name")}
+    return model, variables, info, card
+
+
+def _shape(x) -> tuple:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
+def _check_tree(want: dict, have: dict, path: Path, model_name: str) -> None:
+    want_leaves = jax.tree_util.tree_flatten_with_path(want)[0]
+    have_leaves = dict(jax.tree_util.tree_flatten_with_path(have)[0])
+    wrong = [jax.tree_util.keystr(k) for k, v in want_leaves
+             if k not in have_leaves or _shape(have_leaves[k]) != tuple(v.shape)]
+    extra = set(have_leaves) - {k for k, _ in want_leaves}
     if wrong or extra:
         names = sorted(wrong) + sorted(jax.tree_util.keystr(k) for k in extra)
         raise CheckpointError(
             f"{path} does not hold {model_name} variables: {len(names)} keys differ (e.g. "
             f"{', '.join(names[:5])}); was it saved for another model or class count?")
-    try:
-        return ocp.StandardCheckpointer().restore(path, abstract)
-    except Exception as e:
-        raise CheckpointError(f"cannot restore {path} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); the checkpoint is damaged") from None
+
+
+def _restore(path: Path, abstract: dict, model_name: str) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            stored = ckptr.metadata(path)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path} ({_first_line(e)}); the checkpoint is "
+                                  "damaged") from None
+        stored_tree = getattr(stored, "item_metadata", stored)
+        stored_tree = getattr(stored_tree, "tree", stored_tree)
+        if not stored_tree:  # e.g. a zeroed _METADATA file
+            raise CheckpointError(f"cannot read the variable tree of {path}; the checkpoint is "
+                                  "damaged")
+        _check_tree(abstract, dict(stored_tree), path, model_name)
+        try:
+            return ckptr.restore(path, abstract)
+        except Exception as e:
+            raise CheckpointError(f"cannot restore {path} ({_first_line(e)}); the checkpoint "
+                                  "is damaged") from None

@@ -1,49 +1,108 @@
 """Data parallelism: sharded `jax.jit` over a device mesh (main path) and `pmap` (equivalent).
 
-Both compile the same `zoo.training.train_step`. Under jit the batch is one global array split
-on the mesh axis 'data' and XLA inserts the gradient all-reduce; BatchNorm statistics are then
-global-batch statistics by construction. Under pmap each device sees its slice, gradients are
-`lax.pmean`-ed over the named axis 'batch', and models built with `axis_name='batch'` average
-their BatchNorm statistics across devices, so both paths compute the same update.
+Both compile the same `zoo.training.train_step`:
+
+- jit: the batch is one global array split on the mesh axis 'data' and the state is replicated;
+  XLA inserts the gradient all-reduce, and BatchNorm statistics are global-batch statistics by
+  construction (the model sees the whole batch as one array).
+- pmap: each local device gets its slice of the process's batch; the step `psum`s gradients and
+  metric sums over the named axis 'batch', and models built with `axis_name='batch'` average
+  their BatchNorm statistics across devices. Both paths compute the same update.
+
+Multi-host: every process runs the same program on its own share of the data;
+`jax.make_array_from_process_local_data` assembles the global batch, and a replicated state is
+one global array per leaf. Checkpoints always hold that canonical replicated form, so a run can
+be resumed on another device count or with the other parallel path.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+DATA_AXIS = "data"
 PMAP_AXIS = "batch"
 
 
+# ---------------------------------------------------------------- multi-host set-up
+
+def _launcher_env() -> str | None:
+    """The cluster launcher this process runs under, if JAX can read its settings."""
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        return "JAX_COORDINATOR_ADDRESS"
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+             "SLURM_LOCALID")
+    if all(k in env for k in slurm) and int(env["SLURM_NTASKS"]) > 1:
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI"
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return "Cloud TPU"
+    return None
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Starts jax.distributed for multi-host runs.
+                           process_id: int | None = None) -> bool:
+    """Starts `jax.distributed` for a multi-process run; returns whether it did.
 
-    Explicit arguments win; otherwise JAX's auto-detection covers SLURM, Open MPI and Cloud TPU
-    launchers (and JAX_COORDINATOR_ADDRESS). A plain single-process run does nothing.
+    Explicit arguments (train.py's `--coordinator --num-processes --process-id`) win. Otherwise
+    a multi-process launcher is detected from its environment (SLURM with several tasks, Open
+    MPI's mpirun, Cloud TPU pods, or JAX_COORDINATOR_ADDRESS) and JAX reads the rest from it. A
+    plain single-process run does nothing. Must run before anything touches the devices.
+
+    Raises:
+      ValueError: incomplete or inconsistent explicit arguments.
     """
-    if coordinator:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
-    elif any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
-                                       "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")):
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("multi-host runs need all of --coordinator HOST:PORT, "
+                             "--num-processes N and --process-id I")
+        if ":" not in coordinator:
+            raise ValueError(f"--coordinator {coordinator!r} must be HOST:PORT")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id {process_id} must be in [0, {num_processes})")
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=num_processes, process_id=process_id)
+        return True
+    if _launcher_env() is not None:
         jax.distributed.initialize()
+        return True
+    return False
 
+
+def is_lead() -> bool:
+    """Process 0 writes logs, metrics and exported models; every process saves checkpoints."""
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (a collective where processes > 1)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
+# ---------------------------------------------------------------- mesh, shardings, placement
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over all (global) devices with axis 'data'."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+    """A 1-D mesh over all (global) devices, axis 'data'."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
 
 
 def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
     """(replicated, batch-split) shardings of a mesh."""
-    return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
 
 
 def global_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -51,30 +110,71 @@ def global_batch(batch: dict, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def replicated(tree: Any, sharding: NamedSharding) -> Any:
+    """A pytree (numpy or single-device arrays, equal on every process) as global replicated
+    arrays on `sharding`'s mesh."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding, np.asarray(x)), tree)
+
+
+def check_batch_size(global_batch_size: int, num_devices: int | None = None) -> None:
+    """Raises ValueError unless the global batch splits evenly over the devices."""
+    n = jax.device_count() if num_devices is None else num_devices
+    if global_batch_size < 1 or global_batch_size % n:
+        raise ValueError(f"batch size {global_batch_size} is not divisible by the {n} devices "
+                         f"(use a multiple of {n})")
+
+
+# ---------------------------------------------------------------- compiled steps
+
 def jit_step(step_fn: Callable, mesh: Mesh, donate: bool = True) -> Callable:
-    """`step_fn(state, batch)` compiled with replicated state and a batch split on 'data'."""
-    replicated, split = shardings(mesh)
-    return jax.jit(step_fn, in_shardings=(replicated, split),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
+    """`step_fn(state, batch)` compiled with the state replicated, the batch split on 'data'
+    and the incoming state's buffers donated (updated in place)."""
+    rep, split = shardings(mesh)
+    return jax.jit(step_fn, in_shardings=(rep, split), out_shardings=(rep, rep),
+                   donate_argnums=(0,) if donate else ())
 
 
 def pmap_step(step_fn: Callable, donate: bool = True) -> Callable:
-    """`step_fn(state, batch, axis_name=...)` mapped over local devices on axis 'batch'."""
+    """`step_fn(state, batch, axis_name='batch')` mapped over this process's devices."""
     return jax.pmap(functools.partial(step_fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
                     donate_argnums=(0,) if donate else ())
 
 
-def replicate(tree: Any, num_devices: int) -> Any:
-    """Stacks a pytree `num_devices` times (leading device axis) for the pmap path."""
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num_devices, *np.shape(x))),
-                        tree)
+def _local_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.local_devices()), (PMAP_AXIS,))
+
+
+def replicate(tree: Any, num_devices: int | None = None) -> Any:
+    """A copy of `tree` on each local device (leading device axis), the pmap path's state."""
+    n = num_devices or jax.local_device_count()
+    sharding = NamedSharding(Mesh(np.asarray(jax.local_devices()[:n]), (PMAP_AXIS,)),
+                             P(PMAP_AXIS))
+    return jax.tree.map(lambda x: jax.device_put(
+        np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding), tree)
 
 
 def unreplicate(tree: Any) -> Any:
-    """The first device's copy of a replicated pytree."""
+    """The first device's copy of a replicated (pmap) pytree."""
     return jax.tree.map(lambda x: x[0], tree)
 
 
-def split_for_pmap(batch: dict, num_devices: int) -> dict:
-    """(B, ...) -> (devices, B / devices, ...)."""
-    return {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
+def split_for_pmap(batch: dict, num_devices: int | None = None) -> dict:
+    """(B, ...) -> (devices, B / devices, ...) on this process's devices."""
+    n = num_devices or jax.local_device_count()
+    if n == jax.local_device_count():
+        sharding = NamedSharding(_local_mesh(), P(PMAP_AXIS))
+        return {k: jax.device_put(np.reshape(v, (n, -1, *np.shape(v)[1:])), sharding)
+                for k, v in batch.items()}
+    return {k: np.reshape(v, (n, -1, *np.shape(v)[1:])) for k, v in batch.items()}
+
+
+def prefetch(batches: Iterable, place: Callable, size: int = 2) -> Iterator:
+    """Places batches `size` steps ahead, so host input and transfers overlap the step."""
+    queue = collections.deque()
+    for b in batches:
+        queue.append(place(b))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
