@@ -89,6 +89,28 @@ def test_adaptive_avg_pool_uneven_bins():
     np.testing.assert_allclose(out, [0.5, 2.0, 3.5])  # bins [0,2), [1,4), [3,5) as in torch
 
 
+@pytest.mark.parametrize("hw, k, stride, padding", [
+    (2, 3, 1, 1), (1, 3, 1, 1), (4, 3, 2, 1), (3, 1, 2, 0), (4, 3, 2, "SAME"), (2, 2, 1, "VALID")])
+def test_conv_cpu_fast_path_is_the_same_convolution(hw, k, stride, padding):
+    """Tiny maps take the patches-matmul path on CPU; values and gradients equal lax's conv."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, hw, hw, 5)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(k, k, 5, 7)), jnp.float32)
+    pad = padding if isinstance(padding, str) else [(padding, padding)] * 2
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv, x, w):
+        return jnp.sum(jnp.sin(conv(x, w, (stride, stride), pad, dimension_numbers=dn)))
+
+    ours = jax.value_and_grad(lambda x, w: loss(layers.conv_general_dilated, x, w), (0, 1))
+    ref = jax.value_and_grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1))
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))  # the fast path ran
+    for a, b in zip(jax.tree.leaves(ours(x, w)), jax.tree.leaves(ref(x, w))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    big = jnp.zeros((1, 8, 8, 5))  # larger maps keep XLA's convolution
+    assert "conv_general_dilated" in str(jax.make_jaxpr(
+        lambda x: layers.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))(big))
+
+
 def test_sobel_on_step_image():
     step = np.zeros((5, 6), np.float32)
     step[:, 3:] = 1.0  # a vertical edge between columns 2 and 3

@@ -7,9 +7,11 @@ The arithmetic follows the notes: out = (N - F + 2P) / S + 1, and a conv layer h
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -64,6 +66,46 @@ def check_input(x, model: str, channels: int, min_size: int) -> None:
     if min(x.shape[1:3]) < min_size:
         raise ValueError(f"{expect}; got {tuple(x.shape)}: the input is too small "
                          f"(resize it, or pick a model for small images)")
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, **kwargs):
+    """`lax.conv_general_dilated`, except for NHWC convolutions with at most 2x2 outputs on CPU,
+    which are computed as one matmul over the input's patches (same sum, same parameters).
+
+    XLA:CPU's convolution falls off a cliff on such tiny maps: a 3x3, 512-channel conv on a 2x2
+    map of 32 images takes 205 ms forward there against 5 ms as a matmul (see
+    benchmarks/cpu_conv.py). They are what ResNet's and VGG's last stage see at 32-64 px inputs.
+    """
+    kh, kw = rhs.shape[:2]
+    plain = (jax.default_backend() != "cpu" or lhs.ndim != 4 or feature_group_count != 1
+             or kwargs.get("preferred_element_type") is not None
+             or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+             or dimension_numbers != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+    if not plain:
+        pads = (lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
+                if isinstance(padding, str) else padding)
+        out = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s
+               in zip(lhs.shape[1:3], pads, (kh, kw), window_strides)]
+        plain = out[0] * out[1] > 4 or min(out) < 1 or min(min(p) for p in pads) < 0
+    if plain:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        **kwargs)
+    (sh, sw), (ho, wo) = window_strides, out
+    x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
+    patches = jnp.concatenate([  # (N, Ho, Wo, kh*kw*C), in the order of HWIO's reshape
+        x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+        for i in range(kh) for j in range(kw)], axis=-1)
+    return lax.dot_general(patches, rhs.reshape(-1, rhs.shape[-1]), (((3,), (0,)), ((), ())),
+                           precision=kwargs.get("precision"))
+
+
+# The convolution every model family builds with (nn.Conv with the CPU fast path above).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 def _pool_padding(n: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:

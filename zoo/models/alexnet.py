@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import AdaptiveAvgPool, Flatten, LocalResponseNorm, MaxPool, check_input
+from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input
 from zoo.registry import register_model
 
 # A tuple is a conv (filters, kernel, stride, padding) followed by a ReLU; "M" is the
@@ -54,7 +54,7 @@ class AlexNet(nn.Module):
                 x = LocalResponseNorm(5, 1e-4, 0.75, 2.0, name=name)(x)
             else:
                 filters, k, s, p = layer
-                x = nn.relu(nn.Conv(filters, (k, k), strides=s, padding=p, dtype=self.dtype,
+                x = nn.relu(Conv(filters, (k, k), strides=s, padding=p, dtype=self.dtype,
                                     param_dtype=self.param_dtype, name=name)(x))
                 i += 1
             i += 1

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import AdaptiveAvgPool, AvgPool, Flatten, MaxPool, check_input
+from zoo.layers import AdaptiveAvgPool, AvgPool, Conv, Flatten, MaxPool, check_input
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, register_model
 
 
@@ -39,7 +39,7 @@ class BasicConv2d(nn.Module):
     def __call__(self, x, train: bool = False):
         k = self.kernel_size if isinstance(self.kernel_size, tuple) else (self.kernel_size,) * 2
         p = self.padding if isinstance(self.padding, tuple) else (self.padding,) * 2
-        x = nn.Conv(self.features, k, self.strides, padding=[(p[0], p[0]), (p[1], p[1])],
+        x = Conv(self.features, k, self.strides, padding=[(p[0], p[0]), (p[1], p[1])],
                     use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=self.bn_epsilon,

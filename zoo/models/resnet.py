@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.layers import GlobalAvgPool, MaxPool, check_input
+from zoo.layers import Conv, GlobalAvgPool, MaxPool, check_input
 from zoo.registry import register_model
 
 _HE = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's conv init
@@ -45,7 +45,7 @@ class _Block(nn.Module):
     expansion: ClassVar[int] = 1
 
     def conv(self, features, k, strides=1, groups=1, name=None):
-        return nn.Conv(features, (k, k), strides, padding=k // 2, feature_group_count=groups,
+        return Conv(features, (k, k), strides, padding=k // 2, feature_group_count=groups,
                        use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=_HE, name=name)
 
@@ -131,7 +131,7 @@ class ResNet(nn.Module):
         check_input(x, self.arch, self.in_channels, self.min_size)
         x = x.astype(self.dtype)
         k, s = (3, 1) if self.stem == "cifar" else (7, 2)
-        x = nn.Conv(self.widths[0], (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype,
+        x = Conv(self.widths[0], (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype,
                     param_dtype=self.param_dtype, kernel_init=_HE, name="conv1")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, param_dtype=self.param_dtype,

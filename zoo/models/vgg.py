@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import AdaptiveAvgPool, Flatten, LocalResponseNorm, MaxPool, check_input
+from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input
 from zoo.registry import register_model
 
 # Table 1 of the paper, one column each: a number is a 3x3 conv (pad 1) + ReLU with that many
@@ -66,7 +66,7 @@ class VGG(nn.Module):
                 x = LocalResponseNorm(name=name)(x)
             else:
                 width, k = v if isinstance(v, tuple) else (v, 3)
-                x = nn.Conv(width, (k, k), padding=k // 2, dtype=self.dtype,
+                x = Conv(width, (k, k), padding=k // 2, dtype=self.dtype,
                             param_dtype=self.param_dtype, name=name,
                             kernel_init=nn.initializers.variance_scaling(2.0, "fan_out",
                                                                          "normal"))(x)
