@@ -24,6 +24,8 @@ def parse(argv):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="exported model dir (model_card.json) or train.py workdir")
     src.add_argument("--torchvision-weights", help="torchvision .pth/.pt/.safetensors state_dict")
+    p.add_argument("--step", help="with a train.py workdir: a step number or 'best' (the best "
+                                  "eval top-1) instead of the newest step")
     p.add_argument("--drop-aux", action="store_true",
                    help="with --torchvision-weights: build googlenet/inception_v3 without the "
                         "auxiliary classifiers (weights of a file without them)")
@@ -46,7 +48,7 @@ def load(args):
 
     if args.checkpoint:
         try:
-            model, variables, info, card = checkpoints.load_model(args.checkpoint)
+            model, variables, info, card = checkpoints.load_model(args.checkpoint, args.step)
         except (ValueError, OSError):
             raise
         except Exception as e:  # a damaged file can surface as any error inside Orbax

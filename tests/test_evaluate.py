@@ -99,6 +99,9 @@ def test_errors(files, tmp_path, capsys):
     # a checkpoint of another model
     assert "is a resnet18 checkpoint, not resnet34" in _error(
         capsys, "--model", "resnet34", "--checkpoint", ckpt, "--dataset", folder)
+    # a step chosen in an exported model, which has one
+    assert "step can only be chosen" in _error(
+        capsys, "--model", "resnet18", "--checkpoint", ckpt, "--step", "best", "--dataset", folder)
     # missing and corrupt checkpoints
     assert "does not exist" in _error(
         capsys, "--model", "resnet18", "--checkpoint", str(tmp_path / "nothing"),

@@ -211,6 +211,9 @@ def load_model(directory, step: int | str | None = None
     """
     directory = Path(directory).absolute()  # Orbax reads relative paths' metadata as empty
     if (directory / "model_card.json").is_file():
+        if step is not None:
+            raise CheckpointError(f"{directory} is an exported model (one set of weights); a "
+                                  "step can only be chosen in a train.py workdir")
         card = json.loads((directory / "model_card.json").read_text())
         model = create_model(card["model"], **card.get("create_kwargs", {}))
         info = model_info(card["model"])
@@ -243,6 +246,8 @@ def _load_workdir(directory: Path, step: int | str | None):
             step = ckpt.best_step()
             if step is None:
                 raise CheckpointError(f"{directory} has no checkpoint with an eval top-1")
+        if step is not None and not str(step).isdigit():
+            raise CheckpointError(f"step must be a number or 'best', got {step!r}")
         step = steps[-1] if step is None else int(step)
         stored = ckpt.item_metadata(step) if step in steps else None
         if stored is None:
