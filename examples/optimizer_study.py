@@ -10,7 +10,6 @@ and `<out>.png` (loss and accuracy curves, runs overlaid). Workdirs go to runs/o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -33,7 +32,8 @@ def main(argv=None) -> int:
     rows, workdirs = [], []
     for name, lr in OPTIMIZERS.items():
         recipe = training.Recipe(name, lr, batch_size=64, epochs=args.epochs, schedule="cosine",
-                                 weight_decay=1e-4 if name == "adamw" else 0.0)
+                                 weight_decay=1e-4 if name == "adamw" else 0.0,
+                                 augment=False)
         workdir = Path(args.workdir) / name
         config = training.TrainConfig("simple_cnn", "fashion_mnist", str(workdir), recipe,
                                       recipe_name=f"optimizer_study_{name}", progress=False)
