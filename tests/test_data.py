@@ -68,6 +68,9 @@ def test_unknown_dataset_and_divisibility():
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         data.make_dataset("mnist", "train", info=info, global_batch_size=8, train=True,
                           process_index=0, process_count=3)
+    with pytest.raises(ValueError, match=r"put the count in the slice instead \(e.g. train\[:5\]"):
+        data.make_dataset("mnist", "train[:10%]", info=info, global_batch_size=8, train=False,
+                          num_examples=5)
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):

@@ -232,6 +232,10 @@ def _process_split(spec: DatasetSpec, split: str, num_examples: int | None, inde
     """This process's part of the split and the size of the largest part."""
     total = spec.splits.get(split) or None  # unknown for slices and unprepared metadata
     if num_examples is not None:
+        if "[" in split:
+            raise ValueError(f"--num-examples cannot shorten the sliced split {split!r}; put "
+                             f"the count in the slice instead (e.g. {split.split('[')[0]}"
+                             f"[:{num_examples}])")
         split, total = f"{split}[:{num_examples}]", num_examples
     if total is None:
         total = len(list(_source(spec, split).map(lambda ex: ex["label"])))
