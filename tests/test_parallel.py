@@ -5,16 +5,12 @@ move between device and process counts; two processes train together over jax.di
 two-process run uses gloo collectives on 127.0.0.1.
 """
 
-import contextlib
-import io
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -22,38 +18,7 @@ import pytest
 
 from zoo import checkpoints, parallel
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
-
-EXAMPLES = 260
-
-
-def write_image_folder(root: Path, per_class: int = EXAMPLES // 10) -> str:
-    """10 class folders of 28x28 grey PNGs whose brightness encodes the class."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in range(10):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(20 + 22 * c, 20, (28, 28)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return f"image_folder:{root}"
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+from conftest import ROOT, run_main
 
 
 def flags(workdir, dataset, *extra):
@@ -61,13 +26,6 @@ def flags(workdir, dataset, *extra):
     return ["--model", "simple_cnn", "--dataset", dataset, "--workdir", str(workdir),
             "--batch-size", "32", "--optimizer", "momentum", "--lr", "0.05", "--no-progress",
             "--log-every", "100", *extra]
-
-
-def run_main(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = train.main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def final_params(workdir):

@@ -7,15 +7,11 @@ cheap. (`tfds.testing.mock_data` is no substitute here: it redirects every etils
 access while a dataset is being opened, Orbax's background checkpoint writes included.)
 """
 
-import contextlib
-import io
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -27,55 +23,12 @@ import pytest
 import zoo
 from zoo import checkpoints, training
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
-
-EXAMPLES = 260
-
-
-def write_image_folder(root: Path, per_class: int = EXAMPLES // 10) -> str:
-    """10 class folders of 28x28 grey PNGs whose brightness encodes the class (learnable)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in range(10):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(20 + 22 * c, 20, (28, 28)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return f"image_folder:{root}"
-
-
-@pytest.fixture(scope="session")
-def env(tmp_path_factory):
-    """Environment of train.py subprocesses, sharing one compilation cache with this process."""
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("images"))
+from conftest import EXAMPLES, ROOT, run_main
 
 
 def flags(workdir, dataset, *extra):
     return ["--model", "simple_cnn", "--dataset", dataset, "--workdir", str(workdir),
             "--batch-size", "32", "--no-progress", "--log-every", "5", *extra]
-
-
-def run_main(argv):
-    """(exit code, stdout, stderr) of train.main in this process."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = train.main(argv)
-        except SystemExit as e:  # argparse
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def synthetic(n=32, seed=0):
