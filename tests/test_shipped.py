@@ -12,7 +12,8 @@ SHIPPED = sorted(p for p in zoo.CHECKPOINTS.iterdir() if (p / "model_card.json")
 
 
 def test_checkpoints_are_shipped():
-    assert {p.name for p in SHIPPED} >= {"simple_cnn_fashion_mnist", "lenet5_fashion_mnist"}
+    assert {p.name for p in SHIPPED} == {
+        "simple_cnn_fashion_mnist", "lenet5_fashion_mnist", "resnet20_fashion_mnist"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
