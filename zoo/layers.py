@@ -71,6 +71,25 @@ def check_input(x, model: str, channels: int, min_size: int) -> None:
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _matmul_geometry(lhs, rhs, window_strides, padding, dilations, dimension_numbers,
+                     feature_group_count, kwargs):
+    """(explicit pads, output (H, W)) of a convolution that should run as a patches matmul:
+    on CPU, NHWC/HWIO, ungrouped, undilated, with at most 2x2 outputs; else None."""
+    if (jax.default_backend() != "cpu" or lhs.ndim != 4 or feature_group_count != 1
+            or kwargs.get("preferred_element_type") is not None
+            or any(d != 1 for d in dilations)
+            or dimension_numbers != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+        return None
+    kernel = rhs.shape[:2]
+    pads = (lax.padtype_to_pads(lhs.shape[1:3], kernel, window_strides, padding)
+            if isinstance(padding, str) else padding)
+    out = [(n + lo + hi - k) // s + 1
+           for n, (lo, hi), k, s in zip(lhs.shape[1:3], pads, kernel, window_strides)]
+    if out[0] * out[1] > 4 or min(out) < 1 or min(min(p) for p in pads) < 0:
+        return None
+    return pads, out
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, **kwargs):
     """`lax.conv_general_dilated`, except for NHWC convolutions with at most 2x2 outputs on CPU,
@@ -80,22 +99,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     map of 32 images takes 205 ms forward there against 5 ms as a matmul (see
     benchmarks/cpu_conv.py). They are what ResNet's and VGG's last stage see at 32-64 px inputs.
     """
-    kh, kw = rhs.shape[:2]
-    plain = (jax.default_backend() != "cpu" or lhs.ndim != 4 or feature_group_count != 1
-             or kwargs.get("preferred_element_type") is not None
-             or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-             or dimension_numbers != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    if not plain:
-        pads = (lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
-                if isinstance(padding, str) else padding)
-        out = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s
-               in zip(lhs.shape[1:3], pads, (kh, kw), window_strides)]
-        plain = out[0] * out[1] > 4 or min(out) < 1 or min(min(p) for p in pads) < 0
-    if plain:
+    geometry = _matmul_geometry(lhs, rhs, window_strides, padding,
+                                (lhs_dilation or ()) + (rhs_dilation or ()), dimension_numbers,
+                                feature_group_count, kwargs)
+    if geometry is None:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         **kwargs)
-    (sh, sw), (ho, wo) = window_strides, out
+    (pads, (ho, wo)), (kh, kw), (sh, sw) = geometry, rhs.shape[:2], window_strides
     x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
     patches = jnp.concatenate([  # (N, Ho, Wo, kh*kw*C), in the order of HWIO's reshape
         x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]

@@ -55,7 +55,7 @@ class AlexNet(nn.Module):
             else:
                 filters, k, s, p = layer
                 x = nn.relu(Conv(filters, (k, k), strides=s, padding=p, dtype=self.dtype,
-                                    param_dtype=self.param_dtype, name=name)(x))
+                                 param_dtype=self.param_dtype, name=name)(x))
                 i += 1
             i += 1
         if self.adaptive_pool:

@@ -40,8 +40,8 @@ class BasicConv2d(nn.Module):
         k = self.kernel_size if isinstance(self.kernel_size, tuple) else (self.kernel_size,) * 2
         p = self.padding if isinstance(self.padding, tuple) else (self.padding,) * 2
         x = Conv(self.features, k, self.strides, padding=[(p[0], p[0]), (p[1], p[1])],
-                    use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="conv")(x)
+                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=self.bn_epsilon,
                          dtype=self.dtype, param_dtype=self.param_dtype,
                          axis_name=self.axis_name, name="bn")(x)

@@ -46,8 +46,8 @@ class _Block(nn.Module):
 
     def conv(self, features, k, strides=1, groups=1, name=None):
         return Conv(features, (k, k), strides, padding=k // 2, feature_group_count=groups,
-                       use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=_HE, name=name)
+                    use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=_HE, name=name)
 
     def norm(self, train, name, last=False):
         zero = last and self.zero_init_residual
@@ -132,7 +132,7 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         k, s = (3, 1) if self.stem == "cifar" else (7, 2)
         x = Conv(self.widths[0], (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype,
-                    param_dtype=self.param_dtype, kernel_init=_HE, name="conv1")(x)
+                 param_dtype=self.param_dtype, kernel_init=_HE, name="conv1")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, param_dtype=self.param_dtype,
                          axis_name=self.axis_name, name="bn1")(x)

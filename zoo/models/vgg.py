@@ -67,9 +67,9 @@ class VGG(nn.Module):
             else:
                 width, k = v if isinstance(v, tuple) else (v, 3)
                 x = Conv(width, (k, k), padding=k // 2, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name,
-                            kernel_init=nn.initializers.variance_scaling(2.0, "fan_out",
-                                                                         "normal"))(x)
+                         param_dtype=self.param_dtype, name=name,
+                         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out",
+                                                                      "normal"))(x)
                 if self.batch_norm:
                     i += 1
                     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
