@@ -228,6 +228,8 @@ def test_train_py_writes_its_workdir_and_handles_damaged_checkpoints(tmp_path, e
     assert card["step"] == 10 and "params" in variables
     assert checkpoints.load_model(work / "checkpoints" / "5")[3]["step"] == 5
     best = checkpoints.load_model(work, step="best")[3]["step"]
+    with pytest.raises(checkpoints.CheckpointError, match="a number or 'best', got 'newest'"):
+        checkpoints.load_model(work, step="newest")
     assert best in (5, 10) and records[[r["step"] for r in records].index(best)]["eval_top1"] \
         == max(r["eval_top1"] for r in records if "eval_top1" in r)
 
