@@ -73,7 +73,7 @@ def _window(mod: nn.Module, in_shape) -> tuple[int, int, int] | None:
         d = mod.kernel_dilation if isinstance(mod.kernel_dilation, int) else (
             mod.kernel_dilation or (1,))[0]
         return k, s, d
-    if isinstance(mod, layers._Pool):
+    if isinstance(mod, layers.Pool):
         return mod.window, mod.stride or mod.window, 1
     if isinstance(mod, layers.AdaptiveAvgPool):
         step = max(in_shape[1] // mod.output_size, 1)
