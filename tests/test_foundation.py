@@ -1,4 +1,5 @@
-"""The notes' numbers: conv arithmetic, pooling worked examples, filters, LRN, the Keras table."""
+"""The foundation: the arithmetic through zoo.layers, pools, the conv fast path, filters, LRN,
+parameter counts and the registry (the notes' worked examples are in test_notes.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -50,28 +51,6 @@ def test_receptive_field():
     assert layers.receptive_field([(3, 1)] * 3) == 7
     assert layers.receptive_field([(3, 1, 2)]) == 5           # dilated 3x3
     assert layers.receptive_field([(11, 4), (3, 2)]) == 19    # AlexNet conv1 + pool1
-
-
-POOL6 = np.array([[1, 2, 0, 1, 3, 2], [3, 1, 2, 1, 0, 1], [0, 4, 1, 0, 2, 5],
-                  [1, 3, 2, 4, 2, 1], [1, 2, 1, 4, 1, 2], [0, 2, 5, 4, 3, 1]], np.float32)
-POOL4 = np.array([[31, 15, 28, 184], [0, 100, 70, 38], [12, 12, 7, 2], [12, 12, 45, 6]],
-                 np.float32)
-
-
-def pool(cls, x):
-    return cls(2).apply({}, jnp.asarray(x)[None, :, :, None])[0, :, :, 0]
-
-
-def test_pooling_worked_examples():
-    np.testing.assert_array_equal(pool(layers.MaxPool, POOL6), [[3, 2, 3], [4, 4, 5], [2, 5, 3]])
-    np.testing.assert_allclose(pool(layers.AvgPool, POOL6),
-                               [[1.75, 1, 1.5], [2, 1.75, 2.5], [1.25, 3.5, 1.75]])
-    np.testing.assert_array_equal(pool(layers.MinPool, POOL6), [[1, 0, 0], [0, 0, 1], [0, 1, 1]])
-    # The 4x4 slide prints max [[100, 184], [12, 45]] and average [[36, 80], [12, 15]]; the exact
-    # mean of its first window (31 + 15 + 0 + 100) / 4 is 36.5 (the slide rounds it down).
-    np.testing.assert_array_equal(pool(layers.MaxPool, POOL4), [[100, 184], [12, 45]])
-    np.testing.assert_allclose(pool(layers.AvgPool, POOL4), [[36.5, 80], [12, 15]])
-    np.testing.assert_array_equal(pool(layers.MinPool, POOL4), [[0, 28], [12, 2]])
 
 
 def test_maxpool_ceil_mode_matches_torch_rule():
@@ -143,17 +122,6 @@ def test_local_response_norm_matches_reference():
     for size in (5, 4):
         got = layers.LocalResponseNorm(size=size).apply({}, jnp.asarray(x))
         np.testing.assert_allclose(got, lrn_reference(x, size), rtol=1e-5)
-
-
-def test_keras_table_row_by_row():
-    s = zoo.summary("simple_cnn")
-    assert [(r.output_shape, r.params) for r in s.rows] == [
-        ((28, 28, 32), 320), ((14, 14, 32), 0), ((14, 14, 64), 18_496), ((7, 7, 64), 0),
-        ((7, 7, 64), 36_928), ((3, 3, 64), 0), ((576,), 0), ((64,), 36_928), ((10,), 650)]
-    assert s.total_params == 93_322
-    assert [r.receptive_field for r in s.rows[:6]] == [3, 4, 8, 10, 18, 22]
-    text = str(s)
-    assert "Total params: 93,322" in text and "(3, 3, 64)" in text
 
 
 @pytest.mark.parametrize("name,count", [("simple_cnn", 93_322), ("lenet5", 61_706),

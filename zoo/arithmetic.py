@@ -209,7 +209,10 @@ def _axis_pads(padding, kernel_shape) -> list[tuple[int, int]]:
     if len(padding) != 2:
         raise ValueError(f"padding must be P, (PH, PW) or ((top, bottom), (left, right)), not "
                          f"{padding!r}")
-    return [_pair(p) for p in padding]
+    try:
+        return [_pair(p) for p in padding]
+    except ValueError as e:
+        raise ValueError(f"{e} (in padding={padding!r})") from None
 
 
 def apply_filter(image, kernel: str | Sequence[Sequence[float]], stride: int | tuple[int, int] = 1,
