@@ -124,6 +124,25 @@ def test_local_response_norm_matches_reference():
         np.testing.assert_allclose(got, lrn_reference(x, size), rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3", "resnext50_32x4d", "alexnet"])
+def test_summary_arithmetic_agrees_with_the_traced_model(name):
+    """Every size formula ends in the row's traced H and W, every parameter formula in its
+    count from the variable tree (ceil_mode pools, 1x7 kernels, groups and floored sizes)."""
+    s = zoo.summary(name, arithmetic=True)
+    sized = [r for r in s.rows if r.size_arithmetic]
+    assert len(sized) > 5
+    for r in sized:
+        axes = r.size_arithmetic.split("; W ") if "; W " in r.size_arithmetic else [
+            r.size_arithmetic] * 2
+        assert [int(a.rsplit(" ", 1)[1]) for a in axes] == list(r.output_shape[:2]), r
+        assert r.tiles == ("->" not in r.size_arithmetic), r
+    for r in s.rows:
+        if r.param_arithmetic:
+            assert int(r.param_arithmetic.rsplit("= ", 1)[1].replace(",", "")) == r.params, r
+    assert sum(r.params for r in s.rows if r.param_arithmetic) == s.total_params - sum(
+        r.params for r in s.rows if r.kind == "BatchNorm")
+
+
 @pytest.mark.parametrize("name,count", [("simple_cnn", 93_322), ("lenet5", 61_706),
                                         ("strided_cnn", 4_816_258)])
 def test_param_counts(name, count):

@@ -353,6 +353,20 @@ def test_002_keras_table_arithmetic():
     assert arithmetic.conv_output_size(7, 2, 2, rounding="floor") == 3
 
 
+def test_002_summary_cli_arithmetic(capsys):
+    """002, the Keras table from the command line: `python -m zoo summary simple_cnn
+    --arithmetic`."""
+    from zoo.__main__ import main
+
+    assert main(["summary", "simple_cnn", "--arithmetic"]) == 0
+    out = capsys.readouterr().out
+    assert "(28 - 3 + 2*1) / 1 + 1 = 28" in out and "(3*3*1 + 1) * 32 = 320" in out
+    (pool3,) = [line for line in out.splitlines() if line.startswith("pool3")]
+    assert pool3.endswith(" 22  !  (7 - 2 + 2*0) / 2 + 1 = 3.5 -> 3")  # RF, mark, size
+    assert main(["summary", "simple_cnn"]) == 0
+    assert "Size arithmetic" not in capsys.readouterr().out
+
+
 def test_002_l2_needs_same_padding():
     """002, L2: its prose writes `Conv2D(64, (3, 3), padding="valid")`, but the table's
     (14, 14, 64) after it, and the model code, are padding="same"."""
