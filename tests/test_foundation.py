@@ -1,4 +1,5 @@
-"""The notes' numbers: conv arithmetic, pooling worked examples, filters, LRN, the Keras table."""
+"""The foundation: the arithmetic through zoo.layers, pools, the conv fast path, filters, LRN,
+parameter counts and the registry (the notes' worked examples are in test_notes.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -50,28 +51,6 @@ def test_receptive_field():
     assert layers.receptive_field([(3, 1)] * 3) == 7
     assert layers.receptive_field([(3, 1, 2)]) == 5           # dilated 3x3
     assert layers.receptive_field([(11, 4), (3, 2)]) == 19    # AlexNet conv1 + pool1
-
-
-POOL6 = np.array([[1, 2, 0, 1, 3, 2], [3, 1, 2, 1, 0, 1], [0, 4, 1, 0, 2, 5],
-                  [1, 3, 2, 4, 2, 1], [1, 2, 1, 4, 1, 2], [0, 2, 5, 4, 3, 1]], np.float32)
-POOL4 = np.array([[31, 15, 28, 184], [0, 100, 70, 38], [12, 12, 7, 2], [12, 12, 45, 6]],
-                 np.float32)
-
-
-def pool(cls, x):
-    return cls(2).apply({}, jnp.asarray(x)[None, :, :, None])[0, :, :, 0]
-
-
-def test_pooling_worked_examples():
-    np.testing.assert_array_equal(pool(layers.MaxPool, POOL6), [[3, 2, 3], [4, 4, 5], [2, 5, 3]])
-    np.testing.assert_allclose(pool(layers.AvgPool, POOL6),
-                               [[1.75, 1, 1.5], [2, 1.75, 2.5], [1.25, 3.5, 1.75]])
-    np.testing.assert_array_equal(pool(layers.MinPool, POOL6), [[1, 0, 0], [0, 0, 1], [0, 1, 1]])
-    # The 4x4 slide prints max [[100, 184], [12, 45]] and average [[36, 80], [12, 15]]; the exact
-    # mean of its first window (31 + 15 + 0 + 100) / 4 is 36.5 (the slide rounds it down).
-    np.testing.assert_array_equal(pool(layers.MaxPool, POOL4), [[100, 184], [12, 45]])
-    np.testing.assert_allclose(pool(layers.AvgPool, POOL4), [[36.5, 80], [12, 15]])
-    np.testing.assert_array_equal(pool(layers.MinPool, POOL4), [[0, 28], [12, 2]])
 
 
 def test_maxpool_ceil_mode_matches_torch_rule():
@@ -145,15 +124,23 @@ def test_local_response_norm_matches_reference():
         np.testing.assert_allclose(got, lrn_reference(x, size), rtol=1e-5)
 
 
-def test_keras_table_row_by_row():
-    s = zoo.summary("simple_cnn")
-    assert [(r.output_shape, r.params) for r in s.rows] == [
-        ((28, 28, 32), 320), ((14, 14, 32), 0), ((14, 14, 64), 18_496), ((7, 7, 64), 0),
-        ((7, 7, 64), 36_928), ((3, 3, 64), 0), ((576,), 0), ((64,), 36_928), ((10,), 650)]
-    assert s.total_params == 93_322
-    assert [r.receptive_field for r in s.rows[:6]] == [3, 4, 8, 10, 18, 22]
-    text = str(s)
-    assert "Total params: 93,322" in text and "(3, 3, 64)" in text
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3", "resnext50_32x4d", "alexnet"])
+def test_summary_arithmetic_agrees_with_the_traced_model(name):
+    """Every size formula ends in the row's traced H and W, every parameter formula in its
+    count from the variable tree (ceil_mode pools, 1x7 kernels, groups and floored sizes)."""
+    s = zoo.summary(name, arithmetic=True)
+    sized = [r for r in s.rows if r.size_arithmetic]
+    assert len(sized) > 5
+    for r in sized:
+        axes = r.size_arithmetic.split("; W ") if "; W " in r.size_arithmetic else [
+            r.size_arithmetic] * 2
+        assert [int(a.rsplit(" ", 1)[1]) for a in axes] == list(r.output_shape[:2]), r
+        assert r.tiles == ("->" not in r.size_arithmetic), r
+    for r in s.rows:
+        if r.param_arithmetic:
+            assert int(r.param_arithmetic.rsplit("= ", 1)[1].replace(",", "")) == r.params, r
+    assert sum(r.params for r in s.rows if r.param_arithmetic) == s.total_params - sum(
+        r.params for r in s.rows if r.kind == "BatchNorm")
 
 
 @pytest.mark.parametrize("name,count", [("simple_cnn", 93_322), ("lenet5", 61_706),

@@ -30,10 +30,15 @@ def sobel_numpy(img):
 def test_kernel_panels_and_sobel_magnitude(tmp_path):
     img = np.random.default_rng(0).random((28, 28)).astype(np.float32)
     panels = viz.plot_kernels(img, tmp_path / "k.png")
-    assert png_size(tmp_path / "k.png") == (1000, 450)
-    assert list(panels)[:2] == ["original", "identity"]
+    assert png_size(tmp_path / "k.png") == (1000, 675)  # 13 panels: 3 rows of 5
+    assert list(panels) == ["original", "identity", "edge", "edge_laplace", "edge_all", "sharpen",
+                            "sharpen_quarter", "blur_horizontal", "blur_vertical", "box_blur_5x5",
+                            "sobel_x", "sobel_y", "sobel_magnitude"]  # the notes' kernels only
+    assert all(p.shape == (28, 28) for p in panels.values())  # 'same' for 1x5 and 5x5 too
     np.testing.assert_allclose(panels["identity"], img, atol=1e-6)
     np.testing.assert_allclose(panels["sobel_magnitude"], sobel_numpy(img), rtol=1e-5, atol=1e-5)
+    viz.plot_kernels(img, tmp_path / "two.png", kernels=("box_blur",))
+    assert png_size(tmp_path / "two.png") == (1000, 225)  # original, box blur, Sobel magnitude
 
 
 def test_filters_grid(tmp_path):

@@ -46,7 +46,7 @@ def _summary(args) -> int:
 
     shape = tuple(int(v) for v in args.input_size.split("x")) if args.input_size else None
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    print(zoo.summary(args.model, shape, **kwargs))
+    print(zoo.summary(args.model, shape, arithmetic=args.arithmetic, **kwargs))
     return 0
 
 
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model")
     p.add_argument("--input-size", help="HxWxC, e.g. 32x32x3 (default: the model's)")
     p.add_argument("--num-classes", type=int)
+    p.add_argument("--arithmetic", action="store_true",
+                   help="each layer's (N - F + 2P) / S + 1 and parameter count, numbers filled in")
     for name, (_, help_) in _DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
     if argv and argv[0] in _DELEGATED:

@@ -1,57 +1,25 @@
-"""Convolution arithmetic, the classic filters and the small layers the models share.
+"""The small layers the models share: pools, flatten, LRN, the input check and the Conv with
+its CPU fast path.
 
-The arithmetic follows the notes: out = (N - F + 2P) / S + 1, and a conv layer has
-(F * F * D + 1) * K parameters. Pooling, flatten and LRN are modules (not bare functions) so that
-`zoo.summary` sees them as rows of the table, as Keras' `model.summary()` does.
+Pooling, flatten and LRN are modules (not bare functions) so that `zoo.summary` sees them as rows
+of the table, as Keras' `model.summary()` does. The notes' arithmetic (output sizes, parameter
+counts, receptive fields, the hand-made filters) lives in `zoo.arithmetic` and is re-exported
+here, where it has always been importable from; the sizes computed here come from its
+`conv_output_size`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-
-def conv_output_size(n: int, f: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
-    """Output size of a convolution or pooling window along one axis.
-
-    Raises ValueError when (N - F' + 2P) / S + 1 is not a whole number (F' = dilated filter),
-    e.g. a 7x7 input with a 3x3 filter at stride 3, where the windows do not fit.
-    """
-    span = dilation * (f - 1) + 1
-    room = n + 2 * padding - span
-    if room < 0:
-        raise ValueError(f"a {f}x{f} filter (dilation {dilation}) does not fit an input of {n} "
-                         f"with padding {padding}")
-    if room % stride:
-        raise ValueError(f"(N - F + 2P) / S + 1 = ({n} - {span} + 2*{padding}) / {stride} + 1 = "
-                         f"{room / stride + 1:g} is not an integer: the filter does not tile the "
-                         f"input; change the padding or the stride")
-    return room // stride + 1
-
-
-def conv_param_count(f: int, in_channels: int, out_channels: int, bias: bool = True) -> int:
-    """Parameters of an FxF conv with D inputs and K filters: (F*F*D + 1) * K (F*F*D*K unbiased)."""
-    return (f * f * in_channels + int(bias)) * out_channels
-
-
-def receptive_field(layers: Iterable[tuple[int, int] | tuple[int, int, int]]) -> int:
-    """Receptive field (in input pixels) of a stack of (kernel, stride[, dilation]) layers.
-
-    r_l = r_{l-1} + (k_l - 1) * d_l * j_{l-1}, where j (the jump) is the product of the strides
-    so far: two stacked 3x3 convs see 5x5, three see 7x7.
-    """
-    rf, jump = 1, 1
-    for layer in layers:
-        k, s, d = (*layer, 1) if len(layer) == 2 else layer
-        rf += (k - 1) * d * jump
-        jump *= s
-    return rf
+from zoo.arithmetic import (  # noqa: F401  (re-exported: zoo.layers.conv_output_size etc.)
+    KERNELS, apply_filter, conv_formula, conv_output_size, conv_param_count, dense_param_count,
+    leftover, receptive_field, steps_per_epoch)
 
 
 def check_input(x, model: str, channels: int, min_size: int) -> None:
@@ -83,9 +51,12 @@ def _matmul_geometry(lhs, rhs, window_strides, padding, dilations, dimension_num
     kernel = rhs.shape[:2]
     pads = (lax.padtype_to_pads(lhs.shape[1:3], kernel, window_strides, padding)
             if isinstance(padding, str) else padding)
-    out = [(n + lo + hi - k) // s + 1
-           for n, (lo, hi), k, s in zip(lhs.shape[1:3], pads, kernel, window_strides)]
-    if out[0] * out[1] > 4 or min(out) < 1 or min(min(p) for p in pads) < 0:
+    try:
+        out = [conv_output_size(n, k, s, pad, rounding="floor")
+               for n, pad, k, s in zip(lhs.shape[1:3], pads, kernel, window_strides)]
+    except ValueError:  # negative padding or a kernel larger than the input: lax's business
+        return None
+    if out[0] * out[1] > 4:
         return None
     return pads, out
 
@@ -119,17 +90,30 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
-def _pool_padding(n: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:
-    """(low, high) padding that reproduces torch's pooling output size, ceil_mode included."""
+def pool_padding(n: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:
+    """(low, high) padding of one axis that reproduces torch's pooling output size.
+
+    Without `ceil_mode` that is P on both sides (the size floors). With it the size is
+    ceil((N - F + 2P) / S) + 1 (the floored size of an input S - 1 longer), and the last,
+    partial window gets zeros after the input, except that, as in torch, it must start inside
+    the input.
+    """
     if not ceil_mode:
         return p, p
-    out = -(-(n + 2 * p - k) // s) + 1
-    if (out - 1) * s >= n + p:  # torch: the last window must start inside the input
+    try:
+        out = conv_output_size(n + s - 1, k, s, p, rounding="floor")
+    except ValueError:
+        raise ValueError(f"a {k}x{k} pooling window at stride {s} leaves no output on an input "
+                         f"of {n} padded by {p}, even with ceil_mode") from None
+    if (out - 1) * s >= n + p:
         out -= 1
     return p, max((out - 1) * s + k - n - p, p)
 
 
-class _Pool(nn.Module):
+class Pool(nn.Module):
+    """Base of the square pools: a `window` x `window` window every `stride` (default: the
+    window) with `padding` on every side; `ceil_mode` as torch's."""
+
     window: int
     stride: int | None = None
     padding: int = 0
@@ -139,13 +123,13 @@ class _Pool(nn.Module):
         # `init` stays a Python scalar: lax then recognises the max/min/add monoid and the
         # pooling is differentiable (a traced init value would not be)
         s = self.stride or self.window
-        pads = [(0, 0)] + [_pool_padding(n, self.window, s, self.padding, self.ceil_mode)
+        pads = [(0, 0)] + [pool_padding(n, self.window, s, self.padding, self.ceil_mode)
                            for n in x.shape[1:3]] + [(0, 0)]
         dims = (1, self.window, self.window, 1)
         return lax.reduce_window(x, init, op, dims, (1, s, s, 1), pads), pads
 
 
-class MaxPool(_Pool):
+class MaxPool(Pool):
     """Max pooling (padding counts as -inf, as in torch); `ceil_mode` as torch's."""
 
     @nn.compact
@@ -153,7 +137,7 @@ class MaxPool(_Pool):
         return self._reduce(x, -jnp.inf, lax.max)[0]
 
 
-class MinPool(_Pool):
+class MinPool(Pool):
     """Min pooling, the notes' third pooling: the smallest value of each window."""
 
     @nn.compact
@@ -161,7 +145,7 @@ class MinPool(_Pool):
         return self._reduce(x, jnp.inf, lax.min)[0]
 
 
-class AvgPool(_Pool):
+class AvgPool(Pool):
     """Average pooling; with `count_include_pad` (torch's default) padded zeros count."""
 
     count_include_pad: bool = True
@@ -233,40 +217,3 @@ class LocalResponseNorm(nn.Module):
         summed = lax.reduce_window(sq, 0.0, lax.add, window, (1,) * x.ndim, pad)
         div = (self.k + self.alpha / self.size * summed) ** self.beta
         return (x / div).astype(x.dtype)
-
-
-# The notes' hand-made filters, 3x3 each (Gaussian blur is the 3x3 binomial kernel).
-KERNELS: dict[str, np.ndarray] = {
-    "identity": np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], np.float32),
-    "edge": np.array([[1, 0, -1], [0, 0, 0], [-1, 0, 1]], np.float32),
-    "edge_laplace": np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32),
-    "edge_all": np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], np.float32),
-    "sharpen": np.array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]], np.float32),
-    "box_blur": np.full((3, 3), 1 / 9, np.float32),
-    "gaussian_blur": np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16,
-    "sobel_x": np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32),
-    "sobel_y": np.array([[-1, -2, -1], [0, 0, 0], [1, 2, 1]], np.float32),
-}
-
-
-def apply_filter(image, kernel: str | Sequence[Sequence[float]], stride: int = 1,
-                 padding: int = 0):
-    """Slides one 2-D kernel over a 2-D image (cross-correlation, as CNNs compute it).
-
-    Args:
-      image: (H, W) array.
-      kernel: a name from KERNELS or a (F, F) array.
-      stride, padding: as in the notes; the output is (N - F + 2P) / S + 1 on each side.
-    Returns:
-      (H', W') float32 array.
-    """
-    k = jnp.asarray(KERNELS[kernel] if isinstance(kernel, str) else kernel, jnp.float32)
-    img = jnp.asarray(image, jnp.float32)
-    if img.ndim != 2 or k.ndim != 2:
-        raise ValueError(f"apply_filter takes a 2-D image and a 2-D kernel; got {img.shape} "
-                         f"and {k.shape}")
-    for n, f in zip(img.shape, k.shape):
-        conv_output_size(n, f, stride, padding)  # raises if the filter does not tile
-    out = lax.conv_general_dilated(img[None, None], k[None, None], (stride, stride),
-                                   [(padding, padding)] * 2)
-    return out[0, 0]

@@ -1,24 +1,44 @@
-"""Per-layer model summary: output shape, parameters, FLOPs and receptive field.
+"""Per-layer model summary: output shape, parameters, FLOPs and receptive field, and on request
+the notes' arithmetic of each layer with its numbers filled in.
 
 The model is traced abstractly (`jax.eval_shape`, no weights are allocated), and every leaf
 module call is recorded through `flax.linen.intercept_methods`. The receptive field follows the
 notes' rule r += (k - 1) * dilation * jump, jump *= stride, carried along the actual data flow:
 each array remembers the (rf, jump) of the layer that made it, so branches (Inception) and
 shortcuts (ResNet) are followed correctly; a block's output takes its deepest path.
+
+Sizes and parameter counts are written out with `zoo.arithmetic` (the same helper the layers
+take their sizes from): '(28 - 3 + 2*1) / 1 + 1 = 28' and '(3*3*1 + 1) * 32 = 320'. A conv or
+pool whose windows do not tile its padded input, where the notes would say "impossible" and the
+frameworks silently floor and never read the last rows or columns, is marked '!' in every
+summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.linear import canonicalize_padding
+from jax import lax
 
-from zoo import layers
+from zoo import arithmetic, layers
 from zoo.registry import create_model, model_info
+
+_TILE_LEGEND = ["! the windows do not tile the padded input (N - F + 2P is not a multiple of S):",
+                "  the notes call this impossible; frameworks floor the size and never read the",
+                "  last rows/columns"]
+_ARITHMETIC_LEGEND = [
+    "size: (N - F + 2P) / S + 1 on each spatial axis (N input, F filter, P padding, S stride);",
+    "  'H ...; W ...' where the axes differ, 'x -> n' where floored, 'low + high' for uneven",
+    "  padding (a ceil_mode pool's extra zeros after the input)",
+    "params: (F*F*D + 1) * K for a conv of K filters over D channels (per group when grouped),",
+    "  (inputs + 1) * outputs for a dense layer; no '+ 1' without bias"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +49,15 @@ class Row:
     params: int
     flops: int
     receptive_field: int | None
+    size_arithmetic: str | None = None  # '(28 - 3 + 2*1) / 1 + 1 = 28' for a conv or pool
+    param_arithmetic: str | None = None  # '(3*3*1 + 1) * 32 = 320' for a conv or dense layer
+    tiles: bool = True  # False where the windows leave the last rows/columns unread
 
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """The table `zoo.summary` returns; `str()` prints it Keras-style."""
+    """The table `zoo.summary` returns; `str()` prints it Keras-style, with the arithmetic
+    columns when `arithmetic` is set."""
 
     model: str
     input_shape: tuple[int, ...]
@@ -41,21 +65,30 @@ class Summary:
     total_params: int
     non_trainable: int
     total_flops: int
+    arithmetic: bool = False
 
     def __str__(self) -> str:
-        head = ("Layer (type)", "Output Shape", "Param #", "FLOPs", "RF")
-        body = [(f"{r.name} ({r.kind})", str(r.output_shape), f"{r.params:,}",
-                 _si(r.flops), "-" if r.receptive_field is None else str(r.receptive_field))
-                for r in self.rows]
-        widths = [max(len(line[i]) for line in [head, *body]) for i in range(5)]
-        fmt = lambda line: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                                     for i, (c, w) in enumerate(zip(line, widths)))
-        rule = "=" * len(fmt(head))
+        mark = not all(r.tiles for r in self.rows)
+        head = ["Layer (type)", "Output Shape", "Param #", "FLOPs", "RF"]
+        head += ["!"] * mark + ["Size arithmetic", "Param arithmetic"] * self.arithmetic
+        body = []
+        for r in self.rows:
+            line = [f"{r.name} ({r.kind})", str(r.output_shape), f"{r.params:,}", _si(r.flops),
+                    "-" if r.receptive_field is None else str(r.receptive_field)]
+            line += ["" if r.tiles else "!"] * mark
+            line += [r.size_arithmetic or "", r.param_arithmetic or ""] * self.arithmetic
+            body.append(line)
+        widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+        fmt = lambda line: "  ".join(c.rjust(w) if 2 <= i <= 4 else c.ljust(w)
+                                     for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+        rule = "=" * max(len(fmt(line)) for line in [head, *body])
+        legend = _TILE_LEGEND * mark + _ARITHMETIC_LEGEND * self.arithmetic
         return "\n".join([f'Model: "{self.model}"  input {self.input_shape}', rule, fmt(head),
                           rule, *map(fmt, body), rule,
                           f"Total params: {self.total_params:,}",
                           f"Non-trainable state (BatchNorm statistics): {self.non_trainable:,}",
-                          f"FLOPs per image (multiply-adds x 2): {_si(self.total_flops)}"])
+                          f"FLOPs per image (multiply-adds x 2): {_si(self.total_flops)}",
+                          *legend])
 
 
 def _si(n: float) -> str:
@@ -73,12 +106,66 @@ def _window(mod: nn.Module, in_shape) -> tuple[int, int, int] | None:
         d = mod.kernel_dilation if isinstance(mod.kernel_dilation, int) else (
             mod.kernel_dilation or (1,))[0]
         return k, s, d
-    if isinstance(mod, layers._Pool):
+    if isinstance(mod, layers.Pool):
         return mod.window, mod.stride or mod.window, 1
     if isinstance(mod, layers.AdaptiveAvgPool):
         step = max(in_shape[1] // mod.output_size, 1)
         return step, step, 1
     return None
+
+
+def _pair(v, default: int = 1) -> tuple[int, int]:
+    if v is None:
+        return default, default
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _axes(mod: nn.Module, in_shape) -> list[tuple[int, int, int, tuple[int, int], int]] | None:
+    """(N, F, S, (low, high) padding, dilation) of each spatial axis of a conv or square pool
+    over an NHWC input; None for any other layer or padding mode."""
+    if len(in_shape) != 4:
+        return None
+    sizes = in_shape[1:3]
+    if isinstance(mod, layers.Pool):
+        s = mod.stride or mod.window
+        return [(n, mod.window, s, layers.pool_padding(n, mod.window, s, mod.padding,
+                                                       mod.ceil_mode), 1) for n in sizes]
+    if not isinstance(mod, nn.Conv) or len(mod.kernel_size) != 2 or any(
+            d != 1 for d in _pair(mod.input_dilation)):
+        return None
+    kernel, strides, dilation = tuple(mod.kernel_size), _pair(mod.strides), _pair(
+        mod.kernel_dilation)
+    padding = canonicalize_padding(mod.padding, 2)
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID", "CIRCULAR"):  # CIRCULAR wraps around SAME's pads
+            return None
+        extent = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+        padding = lax.padtype_to_pads(sizes, extent, strides,
+                                      "VALID" if padding == "VALID" else "SAME")
+    return [(n, k, s, tuple(p), d)
+            for n, k, s, p, d in zip(sizes, kernel, strides, padding, dilation)]
+
+
+def _size_arithmetic(axes) -> tuple[str, bool]:
+    """('(28 - 3 + 2*1) / 1 + 1 = 28', tiles): one formula when both axes read the same."""
+    text = [arithmetic.conv_formula(*axis) for axis in axes]
+    tiles = all(arithmetic.leftover(*axis) == 0 for axis in axes)
+    return (text[0] if text[0] == text[1] else f"H {text[0]}; W {text[1]}"), tiles
+
+
+def _param_arithmetic(mod: nn.Module, in_shape) -> str | None:
+    """'(3*3*1 + 1) * 32 = 320' for a conv, '(576 + 1) * 64 = 36,928' for a dense layer."""
+    if isinstance(mod, nn.Conv) and len(mod.kernel_size) == 2:
+        (fh, fw), d, g = mod.kernel_size, in_shape[-1], mod.feature_group_count
+        count = arithmetic.conv_param_count((fh, fw), d, mod.features, mod.use_bias, g)
+        weights = f"{fh}*{fw}*{d // g}"
+    elif isinstance(mod, nn.Dense):
+        count = arithmetic.dense_param_count([in_shape[-1], mod.features], mod.use_bias)
+        weights = f"{in_shape[-1]}"
+    else:
+        return None
+    factor = f"({weights} + 1)" if mod.use_bias else weights
+    return f"{factor} * {mod.features} = {count:,}"
 
 
 def _flops(mod: nn.Module, in_shape, out_shape) -> int:
@@ -91,13 +178,16 @@ def _flops(mod: nn.Module, in_shape, out_shape) -> int:
     return 0
 
 
-def summary(model_or_name: nn.Module | str, input_shape: tuple[int, ...] | None = None,
-            **create_kwargs: Any) -> Summary:
+def summary(model_or_name: nn.Module | str, input_shape: tuple[int, ...] | None = None, *,
+            arithmetic: bool = False, **create_kwargs: Any) -> Summary:
     """Summarises a model layer by layer.
 
     Args:
-      model_or_name: a registered name or a flax Module.
+      model_or_name: a registered name or a flax Module (a zoo model, any module taking
+        `train`, or a single layer such as `nn.Conv(2, (3, 3), strides=2, padding=1)`).
       input_shape: (H, W, C) of one image; defaults to the model's `input_size` for a name.
+      arithmetic: print the notes' size and parameter formulas of each layer with their numbers
+        (the rows carry them either way).
       **create_kwargs: passed to `create_model` when a name is given (e.g. num_classes=10).
     """
     if isinstance(model_or_name, str):
@@ -110,6 +200,7 @@ def summary(model_or_name: nn.Module | str, input_shape: tuple[int, ...] | None 
             raise ValueError("summary(module) needs input_shape=(H, W, C)")
     image_size = input_shape[0]
     rows: list[Row] = []
+    paths: list[tuple[str, ...]] = []  # each row's module path in the params tree
     states: dict[int, tuple[Any, tuple[int, int]]] = {}  # id(array) -> (array, (rf, jump))
     stack: list[dict] = []
     last = [(1, 1)]
@@ -138,8 +229,8 @@ def summary(model_or_name: nn.Module | str, input_shape: tuple[int, ...] | None 
             elif x.ndim == 4 and getattr(out, "ndim", 4) < 4:  # global pooling / flatten
                 rf = max(rf, image_size)
             out_state = (rf, jump)
-            if stack:
-                rows.append(_row(ctx.module, x.shape, out, rf if window or rf > 1 else None))
+            rows.append(_row(ctx.module, x.shape, out, rf if window or rf > 1 else None))
+            paths.append(tuple(ctx.module.path))
         if hasattr(out, "shape"):
             states[id(out)] = (out, out_state)
         last[0] = out_state
@@ -149,18 +240,26 @@ def summary(model_or_name: nn.Module | str, input_shape: tuple[int, ...] | None 
         return out
 
     def _row(mod, in_shape, out, rf):
-        return Row("/".join(mod.path), type(mod).__name__, tuple(out.shape[1:]), 0,
-                   _flops(mod, in_shape, out.shape), rf)
+        try:
+            size, tiles = _size_arithmetic(axes) if (axes := _axes(mod, in_shape)) else (None, True)
+        except ValueError:  # a negative padding (lax allows it): outside the notes' formula
+            size, tiles = None, True
+        # a model that is one layer has no path: its row is named after its type
+        return Row("/".join(mod.path) or type(mod).__name__.lower(), type(mod).__name__,
+                   tuple(out.shape[1:]), 0, _flops(mod, in_shape, out.shape), rf, size,
+                   _param_arithmetic(mod, in_shape), tiles)
 
+    call = {"train": False} if "train" in inspect.signature(model.__call__).parameters else {}
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     with nn.intercept_methods(intercept):
-        variables = jax.eval_shape(lambda a: model.init(jax.random.key(0), a, train=False), x)
+        variables = jax.eval_shape(lambda a: model.init(jax.random.key(0), a, **call), x)
     # parameter counts come from the finished variable tree, by each row's module path
     params = variables.get("params", {})
-    rows = [dataclasses.replace(r, params=_count(params, tuple(r.name.split("/")))) for r in rows]
+    rows = [dataclasses.replace(r, params=_count(params, path)) for r, path in zip(rows, paths)]
     count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree))
     return Summary(name, tuple(input_shape), rows, count(params),
-                   count(variables.get("batch_stats", {})), sum(r.flops for r in rows))
+                   count(variables.get("batch_stats", {})), sum(r.flops for r in rows),
+                   arithmetic)
 
 
 def _count(params, path: tuple[str, ...]) -> int:

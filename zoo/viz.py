@@ -19,10 +19,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from zoo import layers  # noqa: E402
+from zoo import arithmetic  # noqa: E402
 
 DPI = 100
-KERNEL_PANELS = ("identity", "edge", "sharpen", "box_blur", "gaussian_blur", "sobel_x", "sobel_y")
+# The notes' kernels of zoo.arithmetic.KERNELS (not its box_blur and gaussian_blur).
+KERNEL_PANELS = ("identity", "edge", "edge_laplace", "edge_all", "sharpen", "sharpen_quarter",
+                 "blur_horizontal", "blur_vertical", "box_blur_5x5", "sobel_x", "sobel_y")
 
 
 def _save(fig, path) -> Path:
@@ -37,17 +39,17 @@ def plot_kernels(image: np.ndarray, path, kernels: Sequence[str] = KERNEL_PANELS
                  ) -> dict[str, np.ndarray]:
     """The notes' hand-made filters applied to one grayscale image, side by side.
 
-    Each panel is the 'same'-padded response of one kernel of `zoo.layers.KERNELS`; the last
-    panel is the Sobel gradient magnitude sqrt(Gx^2 + Gy^2). Figure: 2 rows of 5 panels, 1000x450 pixels.
-    Returns the images drawn, by panel name ('original', kernel names, 'sobel_magnitude').
+    Each panel is the 'same'-padded response of one kernel of `zoo.arithmetic.KERNELS` (the
+    image's size, whatever the kernel's shape); the last panel is the Sobel gradient magnitude
+    sqrt(Gx^2 + Gy^2). Figure: rows of 5 panels, 1000 pixels wide and 225 per row (675 for the
+    default kernels). Returns the images drawn, by panel name ('original', kernel names,
+    'sobel_magnitude').
     """
     image = np.asarray(image, np.float32).squeeze()
-    panels = {"original": image}
-    for name in kernels:
-        panels[name] = np.asarray(layers.apply_filter(image, name, padding=1))
-    gx = panels.get("sobel_x", np.asarray(layers.apply_filter(image, "sobel_x", padding=1)))
-    gy = panels.get("sobel_y", np.asarray(layers.apply_filter(image, "sobel_y", padding=1)))
-    panels["sobel_magnitude"] = np.sqrt(gx ** 2 + gy ** 2)
+    responses = {name: np.asarray(arithmetic.apply_filter(image, name, padding="same"))
+                 for name in dict.fromkeys([*kernels, "sobel_x", "sobel_y"])}
+    panels = {"original": image, **{name: responses[name] for name in kernels}}
+    panels["sobel_magnitude"] = np.sqrt(responses["sobel_x"] ** 2 + responses["sobel_y"] ** 2)
     cols = 5
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.25 * rows))
