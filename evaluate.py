@@ -17,6 +17,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from zoo.cli import error, image_size_arg  # noqa: E402
+
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__)
@@ -35,7 +37,7 @@ def parse(argv):
     p.add_argument("--data-dir")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-examples", type=int, help="evaluate the first N examples only")
-    p.add_argument("--image-size", help="HxWxC fed to the model (default: the checkpoint's, "
+    p.add_argument("--image-size", type=image_size_arg, help="HxWxC fed to the model (default: the checkpoint's, "
                                         "else the model's)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -43,7 +45,7 @@ def parse(argv):
 
 def load(args):
     """(model, variables, info, source) for --checkpoint or --torchvision-weights."""
-    from zoo import checkpoints, convert
+    from zoo import cards, checkpoints, convert, weights
     from zoo.registry import model_info
 
     if args.checkpoint:
@@ -58,33 +60,31 @@ def load(args):
         if card["model"] != args.model:
             raise ValueError(f"{args.checkpoint} is a {card['model']} checkpoint, not "
                              f"{args.model}")
-        info = convert.apply_preprocessing(info, card.get("preprocessing"))
+        info = cards.apply_preprocessing(info, card.get("preprocessing"))
         source = {"checkpoint": str(args.checkpoint), "image_size": card.get("image_size"),
-                  "reference_top1": card.get("reference_top1", card.get("test_top1"))}
+                  "reference_top1": cards.reference_top1(card)}
     else:
         model, variables, _, _ = convert.load_torchvision_model(
             args.model, args.torchvision_weights, drop_aux=args.drop_aux)
-        weights = convert.recognise_weights(convert.file_sha256(args.torchvision_weights),
+        release = weights.recognise_weights(weights.file_sha256(args.torchvision_weights),
                                             args.torchvision_weights)
-        info = convert.apply_preprocessing(model_info(args.model),
-                                           convert.preprocessing(model_info(args.model), weights))
-        source = {"torchvision_weights": weights.name if weights else None,
-                  "reference_top1": weights.top1 if weights else None, "image_size": None}
+        info = cards.apply_preprocessing(model_info(args.model),
+                                         cards.preprocessing(model_info(args.model), release))
+        source = {"torchvision_weights": release.name if release else None,
+                  "reference_top1": release.top1 if release else None, "image_size": None}
     return model, variables, info, source
 
 
 def check_fits(model, info, spec, image_size) -> None:
     """Raises ValueError when the dataset cannot be fed to the model."""
-    import jax
-    import numpy as np
+    from zoo.registry import abstract_variables
 
     classes = getattr(model, "num_classes", None)
     if classes is not None and classes != spec.num_classes:
         raise ValueError(f"{spec.name} has {spec.num_classes} classes but this {info.name} has "
                          f"{classes} outputs")
-    x = jax.ShapeDtypeStruct((1, *image_size), np.float32)
     try:  # the model's own input check (channels, smallest size), without computing anything
-        jax.eval_shape(lambda a: model.init(jax.random.key(0), a, train=False), x)
+        abstract_variables(model, image_size)
     except ValueError as e:
         raise ValueError(f"{spec.name} images as {'x'.join(map(str, image_size))} do not fit "
                          f"{info.name}: {e}") from None
@@ -93,14 +93,13 @@ def check_fits(model, info, spec, image_size) -> None:
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from zoo import convert, data, training
+    from zoo import data, training
+    from zoo.registry import param_count
 
     spec = data.dataset_info(args.dataset, args.data_dir)  # DatasetNotFoundError for folders
     model, variables, info, source = load(args)
     if args.image_size:
-        image_size = tuple(int(v) for v in args.image_size.lower().split("x"))
-        if len(image_size) != 3:
-            raise ValueError("--image-size takes HxWxC, e.g. 224x224x3")
+        image_size = args.image_size
     else:
         image_size = tuple(source.pop("image_size") or info.input_size)
     source.pop("image_size", None)
@@ -121,7 +120,7 @@ def run(args) -> dict:
             "num_examples": metrics["num_examples"], "top1": metrics["top1"],
             "top5": metrics["top5"], "loss": metrics["loss"],
             "images_per_sec": metrics["num_examples"] / seconds,
-            "param_count": convert.param_count(variables), "seconds": seconds,
+            "param_count": param_count(variables), "seconds": seconds,
             "image_size": list(image_size), **source}
 
 
@@ -130,8 +129,7 @@ def main(argv=None) -> int:
     try:
         result = run(args)
     except (ValueError, OSError) as e:  # CheckpointError, ConversionError, DatasetNotFoundError
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return error(e)
     print(json.dumps(result))
     return 0
 

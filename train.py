@@ -16,20 +16,12 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from zoo.cli import error, image_size_arg  # noqa: E402
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's usage block is noise in logs)
         self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _image_size(text: str) -> tuple[int, int, int]:
-    try:
-        size = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        size = ()
-    if len(size) != 3 or min(size) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HxWxC, e.g. 32x32x1")
-    return size
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -58,7 +50,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype; parameters and the loss stay float32")
     p.add_argument("--parallel", default="jit", choices=["jit", "pmap"])
-    p.add_argument("--image-size", type=_image_size,
+    p.add_argument("--image-size", type=image_size_arg,
                    help="HxWxC fed to the model, resizing the data (default: the model's size "
                         "with the dataset's channels)")
     p.add_argument("--in-channels", type=int, help="build the model for this many channels")
@@ -113,8 +105,7 @@ def main(argv=None) -> int:
         config = config_from_args(args)
         final = training.train(config)
     except ValueError as e:  # bad flags, data not prepared, unreadable checkpoint
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return error(e)
     except FloatingPointError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@
     python benchmarks/parity.py --size default      # at each model's default input (slow)
 
 For each model: torchvision's model with random weights (every BatchNorm statistic and bias
-random too, see `zoo.convert.torchvision_model`), its state_dict converted by
+random too, see `zoo.parity.torchvision_model`), its state_dict converted by
 `zoo.convert.convert_state_dict`, both run in float32 eval mode on the same N(0, 1) input. The
 table gives the max abs logit difference and that difference relative to the logit scale
 (max |torch logit|); the tests require relative < 1e-4.
@@ -31,16 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure(names: list[str], size: str = "min") -> list[dict]:
     import jax
 
-    from zoo import convert
+    from zoo import parity
     from zoo.registry import model_info
 
-    convert.import_torchvision()
+    parity.import_torchvision()
     rows = []
     for name in names:
         start = time.perf_counter()
         s = None if size == "min" else model_info(name).input_size[0]
         batch = 1 if name.startswith("vgg") else 2  # VGG's 25088x4096 FC: keep memory low
-        row = convert.logits_parity(name, size=s, batch=batch)
+        row = parity.logits_parity(name, size=s, batch=batch)
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(f"{name:18s} {'x'.join(map(str, row['input'])):12s} max|diff| "
@@ -80,9 +80,9 @@ def main(argv=None) -> int:
     import jax
     import torch
 
-    from zoo import convert
+    from zoo import convert, parity
 
-    tv = convert.import_torchvision()
+    tv = parity.import_torchvision()
     names = [n for n in convert.convertible_models()
              if any(fnmatch.fnmatch(n, pat) for pat in args.models)]
     if not names:

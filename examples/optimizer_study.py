@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         final = training.train(config)
         records = viz.read_metrics(workdir)
         rows.append((name, lr, final["test_top1"], final["test_loss"],
-                     training._train_seconds(records)))
+                     training.train_seconds(records)))
         workdirs.append(workdir)
         print(json.dumps({"optimizer": name, **final}), flush=True)
     viz.plot_curves(workdirs, f"{args.out}.png", labels=list(OPTIMIZERS))

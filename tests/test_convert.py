@@ -18,11 +18,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from zoo import convert  # noqa: E402
+from zoo import cli, convert, parity, weights  # noqa: E402
 from zoo.checkpoints import load_model  # noqa: E402
 from zoo.registry import create_model, model_info  # noqa: E402
 
-tv = convert.import_torchvision()
+tv = parity.import_torchvision()
 torch.set_num_threads(2)
 
 MODELS = convert.convertible_models()
@@ -39,7 +39,7 @@ def test_every_torchvision_model_is_convertible():
 def test_logits_parity(name):
     """zoo logits == torchvision logits (float32, eval) at the smallest input the model takes
     (VGGs at batch 1: their 25088x4096 FC makes each ~0.5 GB)."""
-    result = convert.logits_parity(name, batch=1 if name.startswith("vgg") else 2)
+    result = parity.logits_parity(name, batch=1 if name.startswith("vgg") else 2)
     gc.collect()
     jax.clear_caches()
     assert result["input"][1] == model_info(name).min_size
@@ -52,7 +52,7 @@ def test_flatten_order_at_full_size(name, size):
     """At the smallest input the map before the first FC is 1x1, repeated by the adaptive pool:
     every position holds the same values, so a permutation that mixed up h and w would pass.
     At 224 the 6x6 / 7x7 map is real."""
-    result = convert.logits_parity(name, size=size, batch=1)
+    result = parity.logits_parity(name, size=size, batch=1)
     gc.collect()
     jax.clear_caches()
     assert result["relative"] < 1e-4, result
@@ -81,7 +81,7 @@ def test_vgg_keys_and_shapes(name):
 @pytest.fixture(scope="module")
 def resnet18():
     """A random torchvision resnet18 (10 classes), its numpy state_dict and a test input."""
-    model = convert.torchvision_model("resnet18", num_classes=10)
+    model = parity.torchvision_model("resnet18", num_classes=10)
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
@@ -107,13 +107,13 @@ def test_pth_safetensors_checkpoint_round_trip(resnet18, tmp_path):
 
     # python -m zoo convert -> Orbax checkpoint + card -> load_model: the same logits
     out = tmp_path / "ckpt"
-    assert convert.cli(["resnet18", "--from", str(tmp_path / "resnet18-f37072fd.pth"),
+    assert cli.convert(["resnet18", "--from", str(tmp_path / "resnet18-f37072fd.pth"),
                         "--out", str(out)]) == 0
     loaded, variables, info, card = load_model(out)
     np.testing.assert_array_equal(
         np.asarray(jax.jit(lambda v, a: loaded.apply(v, a, train=False))(variables, x)), logits)
     assert card["model"] == "resnet18" and card["create_kwargs"] == {"num_classes": 10}
-    assert card["source"]["sha256"] == convert.file_sha256(tmp_path / "resnet18-f37072fd.pth")
+    assert card["source"]["sha256"] == weights.file_sha256(tmp_path / "resnet18-f37072fd.pth")
     # recognised by its file name; the random file's hash is not the release's, and it says so
     assert card["source"]["torchvision_weights"] == "ResNet18_Weights.IMAGENET1K_V1"
     assert card["source"]["sha256_matches_release"] is False
@@ -132,7 +132,7 @@ def test_pth_safetensors_checkpoint_round_trip(resnet18, tmp_path):
 def test_googlenet_transform_input_aux_and_drop_aux(tmp_path):
     """googlenet: transform_input recorded, aux heads (with the 4x4x128 flatten permutation)
     round trip, and dropping them is explicit."""
-    model = convert.torchvision_model("googlenet", calibrate=False)
+    model = parity.torchvision_model("googlenet", calibrate=False)
     sd = convert.state_dict_to_numpy(model.state_dict())
     variables, kwargs, dropped = convert.convert_state_dict("googlenet", sd)
     assert kwargs == {"num_classes": 1000, "transform_input": True}
@@ -239,7 +239,7 @@ def test_unreadable_files(tmp_path):
 
 def test_cli_error_is_one_line(tmp_path, capsys):
     (tmp_path / "junk.pth").write_bytes(b"nope")
-    assert convert.cli(["resnet18", "--from", str(tmp_path / "junk.pth"),
+    assert cli.convert(["resnet18", "--from", str(tmp_path / "junk.pth"),
                         "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1

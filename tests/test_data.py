@@ -9,6 +9,7 @@ from PIL import Image
 
 import zoo
 from zoo import data
+from zoo.data import preparation
 
 
 def first(it, n=1):
@@ -119,9 +120,9 @@ def test_real_fashion_mnist_offline(fashion_mnist):
 
 
 def test_restored_gzip_headers_match_tfds_checksums(tmp_path, fashion_mnist):
-    expected = data._tfds_checksums("fashion_mnist")
+    expected = preparation._tfds_checksums("fashion_mnist")
     name = "t10k-labels-idx1-ubyte.gz"
-    data._restore_gzip_header(data.DEBIAN_FASHION_MNIST / name, tmp_path / name)
+    preparation._restore_gzip_header(data.DEBIAN_FASHION_MNIST / name, tmp_path / name)
     assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == expected[name]
 
 
@@ -148,9 +149,3 @@ def test_process_shards_disjoint_and_covering(fashion_mnist):
                                    process_index=0))
     all_images = np.concatenate([b["image"][b["mask"]] for b in whole])
     np.testing.assert_array_equal(np.concatenate(images), all_images)
-
-
-def test_prefetch_to_device_keeps_order():
-    batches = [{"x": np.full(2, i)} for i in range(5)]
-    out = [int(b["x"][0]) for b in data.prefetch_to_device(iter(batches), size=2)]
-    assert out == [0, 1, 2, 3, 4]

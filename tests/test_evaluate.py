@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from zoo import convert  # noqa: E402
+from zoo import cards, convert, parity, registry, weights  # noqa: E402
 from zoo.checkpoints import save_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +37,13 @@ def files(tmp_path_factory):
     from PIL import Image
 
     tmp = tmp_path_factory.mktemp("eval")
-    model = convert.torchvision_model("resnet18", num_classes=3, calibrate=False)
+    model = parity.torchvision_model("resnet18", num_classes=3, calibrate=False)
     torch.save(model.state_dict(), tmp / "resnet18.pth")
     zoo_model, variables, kwargs, dropped = convert.load_torchvision_model(
         "resnet18", tmp / "resnet18.pth")
-    card = convert.model_card("resnet18", tmp / "resnet18.pth",
-                              convert.file_sha256(tmp / "resnet18.pth"), kwargs, dropped,
-                              convert.param_count(variables))
+    card = cards.conversion_card("resnet18", tmp / "resnet18.pth",
+                              weights.file_sha256(tmp / "resnet18.pth"), kwargs, dropped,
+                              registry.param_count(variables))
     save_model(tmp / "ckpt", model_name="resnet18", variables=variables,
                card={**card, "image_size": SIZE}, create_kwargs=kwargs)
     rng = np.random.default_rng(0)
@@ -142,7 +142,7 @@ def test_metrics_equal_torch_on_the_same_batches(files):
     from zoo import data
     from zoo.registry import model_info
 
-    tv = convert.import_torchvision()
+    tv = parity.import_torchvision()
     model = tv.models.resnet18(num_classes=3).eval()
     model.load_state_dict(torch.load(files / "resnet18.pth", weights_only=True))
     folder = f"image_folder:{files / 'images'}"

@@ -9,28 +9,24 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# Subcommands implemented elsewhere: name -> (module with `cli(argv) -> int`, help).
+# Subcommands with parsers of their own: name -> (module, function(argv) -> int, help).
 _DELEGATED = {
-    "data": ("zoo.data", "prepare a dataset offline, or measure the input pipeline"),
-    "bench": ("zoo.bench", "measure training/inference throughput, compile time and MFU"),
-    "convert": ("zoo.convert", "convert torchvision weights to an Orbax checkpoint"),
-    "viz": ("zoo.viz", "draw filters, feature maps and training curves as PNG"),
+    "data": ("zoo.cli", "data", "prepare a dataset offline, or measure the input pipeline"),
+    "bench": ("zoo.bench", "cli", "measure training/inference throughput, compile time and MFU"),
+    "convert": ("zoo.cli", "convert", "convert torchvision weights to an Orbax checkpoint"),
+    "viz": ("zoo.viz", "cli", "draw filters, feature maps and training curves as PNG"),
 }
 
 
 def _list(args) -> int:
-    import jax
-    import numpy as np
-
     import zoo
+    from zoo.registry import abstract_variables, param_count
 
     rows = []
     for name in zoo.list_models(args.pattern):
         info = zoo.model_info(name)
         model = zoo.create_model(name)
-        shape = jax.ShapeDtypeStruct((1, *info.input_size), np.float32)
-        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), shape)
-        params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(variables["params"]))
+        params = param_count(abstract_variables(model, info.input_size))
         size = "x".join(map(str, info.input_size))
         rows.append((name, f"{params:,}", size, info.family, info.torchvision_name or "-"))
     head = ("model", "params", "input", "family", "torchvision")
@@ -44,7 +40,9 @@ def _list(args) -> int:
 def _summary(args) -> int:
     import zoo
 
-    shape = tuple(int(v) for v in args.input_size.split("x")) if args.input_size else None
+    from zoo.cli import image_size
+
+    shape = image_size(args.input_size) if args.input_size else None
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     print(zoo.summary(args.model, shape, arithmetic=args.arithmetic, **kwargs))
     return 0
@@ -62,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--arithmetic", action="store_true",
                    help="each layer's (N - F + 2P) / S + 1 and parameter count, numbers filled in")
-    for name, (_, help_) in _DELEGATED.items():
+    for name, (_, _, help_) in _DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
     if argv and argv[0] in _DELEGATED:
-        return importlib.import_module(_DELEGATED[argv[0]][0]).cli(argv[1:])
+        module, function, _ = _DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
     args = parser.parse_args(argv)
     try:
         return {"list": _list, "summary": _summary}[args.command](args)

@@ -251,7 +251,7 @@ def torch_model(name: str, num_classes: int, in_channels: int, aux: bool):
         raise ValueError(f"{name} has no torchvision twin to bench against")
     if in_channels != 3:
         raise ValueError(f"torchvision's {tv_name} takes 3 channels, not {in_channels}")
-    from zoo.convert import import_torchvision
+    from zoo.parity import import_torchvision
 
     tv = import_torchvision()
     kwargs: dict[str, Any] = dict(weights=None, num_classes=num_classes)

@@ -27,7 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from zoo.registry import ModelInfo, create_model, model_info
+from zoo.errors import first_line
+from zoo.registry import ModelInfo, abstract_variables, create_model, model_info
 
 BEST_METRIC = "eval_top1"
 
@@ -40,16 +41,9 @@ class _QuietUnevaluatedSaves(logging.Filter):
         return "did not provide metrics" not in record.getMessage()
 
 
-logging.getLogger("absl").addFilter(_QuietUnevaluatedSaves())
-
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, damaged or of another model."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def abstract_like(tree: Any, sharding=None) -> Any:
@@ -67,14 +61,16 @@ class TrainCheckpointer:
     Every process of a multi-host run makes the same calls (saving is collective).
     """
 
-    def __init__(self, workdir, max_to_keep: int = 3, keep_best: bool = True):
+    _quiet = _QuietUnevaluatedSaves()
+
+    def __init__(self, workdir, max_to_keep: int = 3):
         if max_to_keep < 1:
             raise ValueError(f"--max-to-keep must be at least 1, not {max_to_keep}")
+        logging.getLogger("absl").addFilter(self._quiet)  # once: a filter is added only once
         self.directory = Path(workdir).absolute() / "checkpoints"
-        policies = [cm.LatestN(n=max_to_keep)]
-        if keep_best:
-            policies.append(cm.BestN(get_metric_fn=_best_metric, n=1,
-                                     keep_checkpoints_without_metrics=False))
+        policies = [cm.LatestN(n=max_to_keep),
+                    cm.BestN(get_metric_fn=_best_metric, n=1,
+                             keep_checkpoints_without_metrics=False)]
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory, item_handlers=ocp.StandardCheckpointHandler(),
@@ -84,7 +80,7 @@ class TrainCheckpointer:
                     enable_async_checkpointing=True))
         except Exception as e:  # a damaged step's metadata, an unreadable directory
             raise CheckpointError(f"cannot read the checkpoints in {self.directory} "
-                                  f"({_first_line(e)})") from None
+                                  f"({first_line(e)})") from None
 
     def steps(self) -> list[int]:
         """Complete steps, oldest first (partially written ones are never listed)."""
@@ -127,8 +123,8 @@ class TrainCheckpointer:
                             if older is None else
                             f"pass --allow-fallback to resume from step {older} instead")
                     raise CheckpointError(f"checkpoint step {s} in {self.directory} cannot be "
-                                          f"read ({_first_line(e)}); {hint}") from None
-                print(f"warning: checkpoint step {s} is unreadable ({_first_line(e)}); falling "
+                                          f"read ({first_line(e)}); {hint}") from None
+                print(f"warning: checkpoint step {s} is unreadable ({first_line(e)}); falling "
                       f"back to step {older} (--allow-fallback)", file=sys.stderr)
         return None
 
@@ -138,7 +134,7 @@ class TrainCheckpointer:
             meta = self.manager.item_metadata(step)
         except Exception as e:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read "
-                                  f"({_first_line(e)})") from None
+                                  f"({first_line(e)})") from None
         return getattr(meta, "tree", meta)
 
     def wait(self) -> None:
@@ -192,11 +188,6 @@ def save_model(directory, *, model_name: str, variables: dict, card: dict,
         tmp.rename(directory)
 
 
-def _abstract_variables(model: nn.Module, image_size) -> dict:
-    x = jax.ShapeDtypeStruct((1, *image_size), jax.numpy.float32)
-    return jax.eval_shape(lambda a: model.init(jax.random.key(0), a, train=False), x)
-
-
 def load_model(directory, step: int | str | None = None
                ) -> tuple[nn.Module, dict, ModelInfo, dict]:
     """(model, variables, info, card) from an exported model dir or a train.py workdir.
@@ -217,7 +208,7 @@ def load_model(directory, step: int | str | None = None
         card = json.loads((directory / "model_card.json").read_text())
         model = create_model(card["model"], **card.get("create_kwargs", {}))
         info = model_info(card["model"])
-        abstract = _abstract_variables(model, card.get("image_size") or info.input_size)
+        abstract = abstract_variables(model, card.get("image_size") or info.input_size)
         variables = _restore(directory / "variables", abstract, card["model"])
         return model, variables, info, card
     if (directory.parent.name == "checkpoints" and directory.name.isdigit()
@@ -233,10 +224,16 @@ def load_model(directory, step: int | str | None = None
 
 def _load_workdir(directory: Path, step: int | str | None):
     """The params/batch_stats of one step of a train.py workdir, on the default device."""
-    config = json.loads((directory / "config.json").read_text())
-    create_kwargs = config.get("create_kwargs") or {}
-    model = create_model(config["model"], **create_kwargs)
-    info = model_info(config["model"])
+    from zoo.train.config import TrainConfig
+
+    try:
+        config = TrainConfig.load(directory / "config.json")
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{directory / 'config.json'} is not a train.py config "
+                              f"({first_line(e)})") from None
+    create_kwargs = config.create_kwargs()
+    model = create_model(config.model, **create_kwargs)
+    info = model_info(config.model)
     ckpt = TrainCheckpointer(directory)
     try:
         steps = ckpt.steps()
@@ -264,12 +261,12 @@ def _load_workdir(directory: Path, step: int | str | None):
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]
-    image_size = config.get("image_size") or info.input_size
-    want = _abstract_variables(model, image_size)
-    _check_tree(want, variables, directory / "checkpoints" / str(step), config["model"])
-    card = {"model": config["model"], "dataset": config["dataset"],
+    image_size = config.image_size or info.input_size
+    want = abstract_variables(model, image_size)
+    _check_tree(want, variables, directory / "checkpoints" / str(step), config.model)
+    card = {"model": config.model, "dataset": config.dataset,
             "image_size": list(image_size), "step": int(np.asarray(state["step"])),
-            "create_kwargs": create_kwargs, "recipe": config.get("recipe_name")}
+            "create_kwargs": create_kwargs, "recipe": config.recipe_name}
     return model, variables, info, card
 
 
@@ -297,7 +294,7 @@ def _restore(path: Path, abstract: dict, model_name: str) -> dict:
         try:
             stored = ckptr.metadata(path)
         except Exception as e:
-            raise CheckpointError(f"cannot read {path} ({_first_line(e)}); the checkpoint is "
+            raise CheckpointError(f"cannot read {path} ({first_line(e)}); the checkpoint is "
                                   "damaged") from None
         stored_tree = getattr(stored, "item_metadata", stored)
         stored_tree = getattr(stored_tree, "tree", stored_tree)
@@ -308,5 +305,5 @@ def _restore(path: Path, abstract: dict, model_name: str) -> dict:
         try:
             return ckptr.restore(path, abstract)
         except Exception as e:
-            raise CheckpointError(f"cannot restore {path} ({_first_line(e)}); the checkpoint "
+            raise CheckpointError(f"cannot restore {path} ({first_line(e)}); the checkpoint "
                                   "is damaged") from None

@@ -18,6 +18,7 @@ be resumed on another device count or with the other parallel path.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 from typing import Any, Callable, Iterable, Iterator
@@ -127,29 +128,25 @@ def check_batch_size(global_batch_size: int, num_devices: int | None = None) -> 
 
 # ---------------------------------------------------------------- compiled steps
 
-def jit_step(step_fn: Callable, mesh: Mesh, donate: bool = True) -> Callable:
+def jit_step(step_fn: Callable, mesh: Mesh) -> Callable:
     """`step_fn(state, batch)` compiled with the state replicated, the batch split on 'data'
     and the incoming state's buffers donated (updated in place)."""
     rep, split = shardings(mesh)
     return jax.jit(step_fn, in_shardings=(rep, split), out_shardings=(rep, rep),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,))
 
 
-def pmap_step(step_fn: Callable, donate: bool = True) -> Callable:
-    """`step_fn(state, batch, axis_name='batch')` mapped over this process's devices."""
+def pmap_step(step_fn: Callable) -> Callable:
+    """`step_fn(state, batch, axis_name='batch')` mapped over this process's devices, the
+    incoming state donated."""
     return jax.pmap(functools.partial(step_fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
-                    donate_argnums=(0,) if donate else ())
+                    donate_argnums=(0,))
 
 
-def _local_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.local_devices()), (PMAP_AXIS,))
-
-
-def replicate(tree: Any, num_devices: int | None = None) -> Any:
+def replicate(tree: Any) -> Any:
     """A copy of `tree` on each local device (leading device axis), the pmap path's state."""
-    n = num_devices or jax.local_device_count()
-    sharding = NamedSharding(Mesh(np.asarray(jax.local_devices()[:n]), (PMAP_AXIS,)),
-                             P(PMAP_AXIS))
+    n = jax.local_device_count()
+    sharding = NamedSharding(_local_mesh(), P(PMAP_AXIS))
     return jax.tree.map(lambda x: jax.device_put(
         np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding), tree)
 
@@ -159,14 +156,50 @@ def unreplicate(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
 
-def split_for_pmap(batch: dict, num_devices: int | None = None) -> dict:
+def split_for_pmap(batch: dict) -> dict:
     """(B, ...) -> (devices, B / devices, ...) on this process's devices."""
-    n = num_devices or jax.local_device_count()
-    if n == jax.local_device_count():
-        sharding = NamedSharding(_local_mesh(), P(PMAP_AXIS))
-        return {k: jax.device_put(np.reshape(v, (n, -1, *np.shape(v)[1:])), sharding)
-                for k, v in batch.items()}
-    return {k: np.reshape(v, (n, -1, *np.shape(v)[1:])) for k, v in batch.items()}
+    n = jax.local_device_count()
+    sharding = NamedSharding(_local_mesh(), P(PMAP_AXIS))
+    return {k: jax.device_put(np.reshape(v, (n, -1, *np.shape(v)[1:])), sharding)
+            for k, v in batch.items()}
+
+
+def _local_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.local_devices()), (PMAP_AXIS,))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """One train step compiled for a parallel path, with the layout conversions around it, so
+    that the loop is the same for both paths.
+
+    step(state, batch) -> (state, metrics) on `place`d batches and a `prepare`d state;
+    canonical(state): the replicated form checkpoints and evaluation use; local(tree): one
+    device's copy of what the step returns (its metrics, its step counter).
+    """
+
+    step: Callable
+    place: Callable
+    prepare: Callable
+    canonical: Callable
+    local: Callable
+
+
+def compile_step(step_fn: Callable, mesh: Mesh, path: str = "jit") -> CompiledStep:
+    """`step_fn` compiled with sharded `jax.jit` over `mesh` ('jit') or with `pmap` ('pmap')."""
+    rep, split = shardings(mesh)
+    if path == "pmap":
+        return CompiledStep(
+            step=pmap_step(step_fn), place=split_for_pmap,
+            prepare=lambda s: replicate(jax.device_get(s)),
+            canonical=lambda s: replicated(jax.device_get(unreplicate(s)), rep),
+            local=unreplicate)
+    if path != "jit":
+        raise ValueError(f"unknown parallel mode {path!r}; use jit or pmap")
+    same = lambda tree: tree
+    return CompiledStep(step=jit_step(step_fn, mesh),
+                        place=functools.partial(global_batch, sharding=split),
+                        prepare=same, canonical=same, local=same)
 
 
 def prefetch(batches: Iterable, place: Callable, size: int = 2) -> Iterator:

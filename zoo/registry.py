@@ -15,11 +15,32 @@ import pkgutil
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
+@dataclasses.dataclass(frozen=True)
+class TorchConversion:
+    """What converting torchvision's weights needs beyond the generic name map (zoo.convert).
+
+    Attributes:
+      head: the classifier whose rows give the class count ('fc', 'classifier.6').
+      flatten_fc: linear layers that read a flattened C x H x W map, with (C, H, W): their
+        input rows are permuted from torch's (c, h, w) flatten order to the zoo's (h, w, c).
+      aux_prefixes: key prefixes of auxiliary classifiers (dropped only when asked).
+      transform_input: torchvision's released weights expect `transform_input=True`.
+      bn_epsilon: the BatchNorm epsilon torchvision uses, where it is not torch's 1e-5.
+    """
+
+    head: str
+    flatten_fc: tuple[tuple[str, tuple[int, int, int]], ...] = ()
+    aux_prefixes: tuple[str, ...] = ()
+    transform_input: bool = False
+    bn_epsilon: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +58,9 @@ class ModelInfo:
         None where the dataset is already at input size.
       interpolation: resize method for evaluation.
       paper: the reference that defines the architecture.
-      paper_top5_error: ImageNet top-5 error (%) the paper/notes report, where known.
-      top1, top5: reference accuracy (%) of torchvision's weights, where they exist.
+      paper_top5_error: ImageNet top-5 error (%) the paper or the lecture notes report.
       torchvision_name: the torchvision builder with the same architecture, if any.
+      conversion: how its torchvision weights convert (set with torchvision_name).
       aux_loss_weight: weight of auxiliary classifier losses in training (GoogLeNet: 0.3).
     """
 
@@ -55,10 +76,23 @@ class ModelInfo:
     interpolation: str = "bilinear"
     paper: str = ""
     paper_top5_error: float | None = None
-    top1: float | None = None
-    top5: float | None = None
     torchvision_name: str | None = None
+    conversion: TorchConversion | None = None
     aux_loss_weight: float = 0.0
+
+    @property
+    def top1(self) -> float | None:
+        """ImageNet top-1 (%) of torchvision's first released weights (zoo.weights)."""
+        from zoo.weights import default_weights
+
+        return getattr(default_weights(self.name), "top1", None)
+
+    @property
+    def top5(self) -> float | None:
+        """ImageNet top-5 (%) of torchvision's first released weights (zoo.weights)."""
+        from zoo.weights import default_weights
+
+        return getattr(default_weights(self.name), "top5", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,3 +176,16 @@ def create_model(name: str, num_classes: int | None = None, *, dtype: Any = jnp.
         options = sorted(f.name for f in dataclasses.fields(module_cls)
                          if f.name not in ("parent", "name")) if dataclasses.is_dataclass(module_cls) else []
         raise ValueError(f"{name}: {e}; its options are {', '.join(options)}") from None
+
+
+def abstract_variables(model: nn.Module, input_shape) -> dict:
+    """The variable tree `model.init` makes for (1, H, W, C) float inputs, as shapes only
+    (`jax.eval_shape`: nothing is computed or allocated). Runs the model's input check, so an
+    input it cannot take raises its ValueError."""
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    return jax.eval_shape(lambda a: model.init(jax.random.key(0), a, train=False), x)
+
+
+def param_count(variables: Any) -> int:
+    """Number of parameters in `variables['params']` (arrays or shapes)."""
+    return sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(variables["params"]))

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input
-from zoo.registry import register_model
+from zoo.registry import TorchConversion, register_model
 
 # A tuple is a conv (filters, kernel, stride, padding) followed by a ReLU; "M" is the
 # overlapping 3x3/2 max pool; "LRN" is Krizhevsky's normalisation (size 5, 1e-4, 0.75, k=2).
@@ -77,7 +77,8 @@ class AlexNet(nn.Module):
 
 _INFO = dict(family="alexnet", num_classes=1000, resize_size=256, paper_top5_error=15.3)
 register_model("alexnet", AlexNet, input_size=(224, 224, 3), min_size=63, crop_size=224,
-               torchvision_name="alexnet", top1=56.522, top5=79.066,
+               torchvision_name="alexnet",
+               conversion=TorchConversion("classifier.6", (("classifier.1", (256, 6, 6)),)),
                paper="Krizhevsky 2014, One weird trick for parallelizing convolutional neural "
                      "networks (torchvision's single-tower AlexNet)", **_INFO)
 register_model("alexnet_lrn", partial(AlexNet, cfg=KRIZHEVSKY_2012, adaptive_pool=False,

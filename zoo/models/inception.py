@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.layers import AdaptiveAvgPool, AvgPool, Conv, Flatten, MaxPool, check_input
-from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, register_model
+from zoo.registry import (IMAGENET_MEAN, IMAGENET_STD, TorchConversion,
+                          register_model)
 
 
 class BasicConv2d(nn.Module):
@@ -325,10 +326,14 @@ class Inception3(nn.Module):
 register_model("googlenet", GoogLeNet, family="inception", input_size=(224, 224, 3),
                num_classes=1000, min_size=15, resize_size=256, crop_size=224,
                paper="Szegedy et al. 2015, Going deeper with convolutions",
-               paper_top5_error=6.7, top1=69.778, top5=89.53, torchvision_name="googlenet",
-               aux_loss_weight=0.3)
+               paper_top5_error=6.7, torchvision_name="googlenet", aux_loss_weight=0.3,
+               conversion=TorchConversion(
+                   "fc", (("aux1.fc1", (128, 4, 4)), ("aux2.fc1", (128, 4, 4))),
+                   aux_prefixes=("aux1.", "aux2."), transform_input=True, bn_epsilon=1e-3))
 register_model("inception_v3", Inception3, family="inception", input_size=(299, 299, 3),
                num_classes=1000, min_size=75, resize_size=342, crop_size=299,
                paper="Szegedy et al. 2016, Rethinking the Inception architecture for computer "
                      "vision",
-               top1=77.294, top5=93.45, torchvision_name="inception_v3", aux_loss_weight=0.4)
+               torchvision_name="inception_v3", aux_loss_weight=0.4,
+               conversion=TorchConversion("fc", aux_prefixes=("AuxLogits.",),
+                                          transform_input=True, bn_epsilon=1e-3))

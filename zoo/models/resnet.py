@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.layers import Conv, GlobalAvgPool, MaxPool, check_input
-from zoo.registry import register_model
+from zoo.registry import TorchConversion, register_model
 
 _HE = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's conv init
 
@@ -158,25 +158,25 @@ class ResNet(nn.Module):
 
 
 _HE_2016 = "He et al. 2016, Deep residual learning for image recognition"
-_TORCHVISION = {  # name: (block, stage sizes, width per group, groups, top-1, top-5, paper)
-    "resnet18": (BasicBlock, (2, 2, 2, 2), 64, 1, 69.758, 89.078, _HE_2016),
-    "resnet34": (BasicBlock, (3, 4, 6, 3), 64, 1, 73.314, 91.42, _HE_2016),
-    "resnet50": (Bottleneck, (3, 4, 6, 3), 64, 1, 76.13, 92.862, _HE_2016),
-    "resnet101": (Bottleneck, (3, 4, 23, 3), 64, 1, 77.374, 93.546, _HE_2016),
-    "resnet152": (Bottleneck, (3, 8, 36, 3), 64, 1, 78.312, 94.046, _HE_2016),
-    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 128, 1, 78.468, 94.086,
+_TORCHVISION = {  # name: (block, stage sizes, width per group, groups, paper)
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 64, 1, _HE_2016),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 64, 1, _HE_2016),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 64, 1, _HE_2016),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 64, 1, _HE_2016),
+    "resnet152": (Bottleneck, (3, 8, 36, 3), 64, 1, _HE_2016),
+    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 128, 1,
                         "Zagoruyko & Komodakis 2016, Wide residual networks"),
-    "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), 4, 32, 77.618, 93.698,
+    "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), 4, 32,
                         "Xie et al. 2017, Aggregated residual transformations for deep neural "
                         "networks"),
 }
-for _name, (_block, _sizes, _wpg, _groups, _top1, _top5, _paper) in _TORCHVISION.items():
+for _name, (_block, _sizes, _wpg, _groups, _paper) in _TORCHVISION.items():
     register_model(_name, partial(ResNet, block=_block, stage_sizes=_sizes, width_per_group=_wpg,
                                   groups=_groups, arch=_name),
                    family="resnet", input_size=(224, 224, 3), num_classes=1000, min_size=32,
                    resize_size=256, crop_size=224, paper=_paper,
                    paper_top5_error=3.57 if _paper == _HE_2016 else None,
-                   top1=_top1, top5=_top5, torchvision_name=_name)
+                   torchvision_name=_name, conversion=TorchConversion("fc"))
 
 # He et al. 2016 §4.2: 6n + 2 layers, n BasicBlocks per stage at 16/32/64 channels, option A.
 for _depth in (20, 32, 44, 56, 110):

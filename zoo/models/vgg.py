@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input
-from zoo.registry import register_model
+from zoo.registry import TorchConversion, register_model
 
 # Table 1 of the paper, one column each: a number is a 3x3 conv (pad 1) + ReLU with that many
 # filters, (n, 1) a 1x1 conv (C's conv1-n), "M" a 2x2/2 max pool, "LRN" A-LRN's normalisation.
@@ -99,15 +99,15 @@ _INFO = dict(family="vgg", input_size=(224, 224, 3), num_classes=1000, resize_si
              crop_size=224, paper_top5_error=7.5,
              paper="Simonyan & Zisserman 2015, Very deep convolutional networks for large-scale "
                    "image recognition")
-_TORCHVISION = {  # name: (column, batch norm, torchvision's top-1, top-5)
-    "vgg11": ("A", False, 69.02, 88.628), "vgg11_bn": ("A", True, 70.37, 89.81),
-    "vgg13": ("B", False, 69.928, 89.246), "vgg13_bn": ("B", True, 71.586, 90.374),
-    "vgg16": ("D", False, 71.592, 90.382), "vgg16_bn": ("D", True, 73.36, 91.516),
-    "vgg19": ("E", False, 72.376, 90.876), "vgg19_bn": ("E", True, 74.218, 91.842),
+_TORCHVISION = {  # name: (column, batch norm)
+    "vgg11": ("A", False), "vgg11_bn": ("A", True), "vgg13": ("B", False),
+    "vgg13_bn": ("B", True), "vgg16": ("D", False), "vgg16_bn": ("D", True),
+    "vgg19": ("E", False), "vgg19_bn": ("E", True),
 }
-for _name, (_col, _bn, _top1, _top5) in _TORCHVISION.items():
+_CONVERSION = TorchConversion("classifier.6", (("classifier.0", (512, 7, 7)),))
+for _name, (_col, _bn) in _TORCHVISION.items():
     register_model(_name, partial(VGG, cfg=CFGS[_col], batch_norm=_bn, arch=_name), min_size=32,
-                   torchvision_name=_name, top1=_top1, top5=_top5, **_INFO)
+                   torchvision_name=_name, conversion=_CONVERSION, **_INFO)
 for _col in CFGS:
     _name = "vgg_" + _col.lower().replace("-", "_")
     register_model(_name, partial(VGG, cfg=CFGS[_col], adaptive_pool=False, arch=_name,

@@ -1,28 +1,21 @@
 """TFDS input pipelines: MNIST, Fashion-MNIST, CIFAR-10/100, ImageNet and image folders.
 
 One entry point, `make_dataset`, serves training and evaluation for every dataset. The model
-decides size and normalisation (its ModelInfo), the dataset decides augmentation. Batches are
-numpy dicts {'image': float32 NHWC, 'label': int32, 'mask': bool}, each process reading its own
-share of the split. Training order is a pure function of (seed, step): re-creating the iterator
-with `start_step=N` yields exactly what an uninterrupted run yields from step N, which is what
-makes resumed training bit-identical.
+decides size, normalisation and interpolation (its ModelInfo), the dataset decides augmentation.
+Batches are numpy dicts {'image': float32 NHWC, 'label': int32, 'mask': bool}, each process
+reading its own share of the split. Training order is a pure function of (seed, step):
+re-creating the iterator with `start_step=N` yields exactly what an uninterrupted run yields
+from step N, which is what makes resumed training bit-identical.
+
+Importing this module imports TensorFlow, for tf.data only: its GPUs are hidden from it, since
+the accelerators belong to JAX.
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
 import dataclasses
-import gzip
-import hashlib
-import json
 import math
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -34,17 +27,8 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from zoo.registry import ModelInfo  # noqa: E402
 
-tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX
+tf.config.set_visible_devices([], "GPU")
 
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-# Upstream gzip headers that Debian rewrote (FNAME dropped, MTIME zeroed); restoring them makes
-# the files byte-identical to the ones TFDS's registered checksums describe.
-_FASHION_MTIME = {"train": 1504176606, "t10k": 1504176627}
-_IMAGENET_STEPS = (
-    "ImageNet cannot be downloaded automatically. Download ILSVRC2012_img_train.tar and "
-    "ILSVRC2012_img_val.tar from https://image-net.org/ (after accepting its terms), put both in "
-    "<data_dir>/downloads/manual/ (data_dir: --data-dir, $TFDS_DATA_DIR or ~/tensorflow_datasets), "
-    "then run `python -m zoo data prepare imagenet2012` (several hours, ~300 GB of disk).")
 _IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 
 
@@ -63,30 +47,31 @@ class DatasetSpec:
     kind: str  # 'small' (decoded in memory), 'imagenet' (JPEG bytes) or 'folder'
 
 
-_SMALL = {"mnist": (10, (28, 28, 1)), "fashion_mnist": (10, (28, 28, 1)),
+SMALL_DATASETS = {"mnist": (10, (28, 28, 1)), "fashion_mnist": (10, (28, 28, 1)),
           "cifar10": (10, (32, 32, 3)), "cifar100": (100, (32, 32, 3))}
-DATASETS = (*_SMALL, "imagenet2012", "image_folder:<path>")
+DATASETS = (*SMALL_DATASETS, "imagenet2012", "image_folder:<path>")
 
 
-def _data_dir(data_dir: str | None) -> str:
+def data_dir_of(data_dir: str | None) -> str:
+    """The TFDS data directory: `data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
     return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
                               or "~/tensorflow_datasets")
 
 
 def dataset_info(name: str, data_dir: str | None = None) -> DatasetSpec:
     """Classes, native image shape and split sizes of a supported dataset."""
-    data_dir = _data_dir(data_dir)
+    data_dir = data_dir_of(data_dir)
     if name.startswith("image_folder:"):
         classes, files = _folder_files(name.split(":", 1)[1])
         return DatasetSpec(name, len(classes), None, {"test": len(files)}, "test", data_dir,
                            "folder")
-    if name not in _SMALL and name != "imagenet2012":
+    if name not in SMALL_DATASETS and name != "imagenet2012":
         raise ValueError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS)}")
     info = tfds.builder(name, data_dir=data_dir).info
     splits = {k: v.num_examples for k, v in info.splits.items()}
     if name == "imagenet2012":
         return DatasetSpec(name, 1000, None, splits, "validation", data_dir, "imagenet")
-    classes, shape = _SMALL[name]
+    classes, shape = SMALL_DATASETS[name]
     return DatasetSpec(name, classes, shape, splits, "test", data_dir, "small")
 
 
@@ -124,16 +109,24 @@ def _to_channels(image, channels: int):
     raise ValueError(f"cannot turn {have}-channel images into {channels} channels")
 
 
-def _fit_small(image, size: tuple[int, int]):
-    """28 -> 32 by zero padding (the LeNet-5 convention), anything else by bilinear resize."""
-    h, w = image.shape[0], image.shape[1]
-    th, tw = size
-    if (th, tw) == (h, w):
+def padding_to(native: tuple[int, int], size: tuple[int, int]) -> int | None:
+    """The zero padding per side that takes `native` (H, W) images to `size`, where padding is
+    how they get there: a small, even, square margin such as MNIST's 28 -> 32 for LeNet-5
+    (LeCun et al. 1998 pad the digits so). None where they need a resize."""
+    grow = size[0] - native[0]
+    return grow // 2 if 0 < grow <= 8 and grow == size[1] - native[1] and grow % 2 == 0 \
+        else None
+
+
+def _fit_small(image, size: tuple[int, int], interpolation: str):
+    """Zero padding where `padding_to` says so, else a resize."""
+    native = (image.shape[0], image.shape[1])
+    if tuple(size) == native:
         return image
-    if 0 < th - h <= 8 and th - h == tw - w and (th - h) % 2 == 0:
-        p = (th - h) // 2
+    p = padding_to(native, size)
+    if p is not None:
         return tf.pad(image, [[p, p], [p, p], [0, 0]])
-    return tf.image.resize(image, size, method="bilinear", antialias=True)
+    return tf.image.resize(image, size, method=interpolation, antialias=True)
 
 
 def _crop_flip(image, seed, pad: int, flip: bool):
@@ -146,17 +139,17 @@ def _crop_flip(image, seed, pad: int, flip: bool):
     return image
 
 
-def _resize_shorter_center_crop(image, resize: int, crop: int):
+def _resize_shorter_center_crop(image, resize: int, crop: int, interpolation: str):
     """Eval transform of torchvision's weights: shorter side to `resize`, centre `crop`."""
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = resize / tf.reduce_min(shape)
     new = tf.cast(tf.round(shape * scale), tf.int32)
-    image = tf.image.resize(image, new, method="bilinear", antialias=True)
+    image = tf.image.resize(image, new, method=interpolation, antialias=True)
     top, left = (new[0] - crop) // 2, (new[1] - crop) // 2
     return image[top:top + crop, left:left + crop]
 
 
-def _random_resized_crop(jpeg, seed, size: int):
+def _random_resized_crop(jpeg, seed, size: int, interpolation: str):
     """Inception-style crop (scale 0.08-1, ratio 3/4-4/3) decoded straight from JPEG bytes."""
     shape = tf.image.extract_jpeg_shape(jpeg)
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -165,7 +158,8 @@ def _random_resized_crop(jpeg, seed, size: int):
         use_image_if_no_bounding_boxes=True)
     window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
     image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
-    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (size, size), method="bilinear")
+    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (size, size),
+                            method=interpolation)
     return tf.image.stateless_random_flip_left_right(image, seed=seed[::-1])
 
 
@@ -177,7 +171,7 @@ def _preprocess_fn(spec: DatasetSpec, info: ModelInfo, size: tuple[int, int, int
 
     def small(image, seed):
         image = tf.cast(image, tf.float32) / 255.0
-        image = _fit_small(_to_channels(image, c), (h, w))
+        image = _fit_small(_to_channels(image, c), (h, w), info.interpolation)
         if augment:  # CIFAR: crop 4 + flip; MNIST-like: crop 2, never flip (digits, clothes)
             rgb = spec.image_shape[-1] == 3
             image = _crop_flip(image, seed, 4 if rgb else 2, flip=rgb)
@@ -185,16 +179,16 @@ def _preprocess_fn(spec: DatasetSpec, info: ModelInfo, size: tuple[int, int, int
 
     def jpeg(image, seed):
         if train and augment:
-            image = _random_resized_crop(image, seed, h)
+            image = _random_resized_crop(image, seed, h, info.interpolation)
         else:
             image = tf.cast(tf.io.decode_jpeg(image, channels=3), tf.float32) / 255.0
-            image = _resize_shorter_center_crop(image, resize, h)
+            image = _resize_shorter_center_crop(image, resize, h, info.interpolation)
         return _to_channels(image, c)
 
     def folder(path, seed):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         image = tf.cast(image, tf.float32) / 255.0
-        return _to_channels(_resize_shorter_center_crop(image, resize, h), c)
+        return _to_channels(_resize_shorter_center_crop(image, resize, h, info.interpolation), c)
 
     fn = {"small": small, "imagenet": jpeg, "folder": folder}[spec.kind]
 
@@ -220,7 +214,9 @@ def _source(spec: DatasetSpec, split: str) -> tf.data.Dataset:
             split=split, decoders=decoders, shuffle_files=False,
             read_config=tfds.ReadConfig(interleave_cycle_length=1))
     except (AssertionError, tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as e:
-        how = _IMAGENET_STEPS if spec.kind == "imagenet" else (
+        from zoo.data.preparation import IMAGENET_STEPS
+
+        how = IMAGENET_STEPS if spec.kind == "imagenet" else (
             f"prepare it with `python -m zoo data prepare {spec.name}`")
         raise DatasetNotFoundError(f"dataset {spec.name} is not prepared in {spec.data_dir}: "
                                    f"{how}") from e
@@ -334,127 +330,3 @@ def _pad(b: dict, batch: int) -> dict:
            for k, v in b.items() if k != "mask"}
     out["mask"] = np.arange(batch) < real
     return out
-
-
-def prefetch_to_device(iterator, size: int = 2, sharding=None):
-    """Keeps `size` batches in flight on the device(s) so host input overlaps the step."""
-    import jax
-
-    queue = collections.deque()
-    for b in iterator:
-        queue.append(jax.device_put(b, sharding))
-        if len(queue) == size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
-
-
-# ---------------------------------------------------------------- offline preparation
-
-def _restore_gzip_header(src: Path, dst: Path) -> None:
-    """Rewrites Debian's gzip header as upstream wrote it: FNAME flag, MTIME, original name."""
-    raw = src.read_bytes()
-    if raw[:3] != b"\x1f\x8b\x08" or raw[3] != 0:
-        raise ValueError(f"{src}: not the headerless gzip file Debian ships")
-    stem = src.name[:-3]
-    mtime = _FASHION_MTIME[stem.split("-")[0]]
-    header = raw[:3] + b"\x08" + mtime.to_bytes(4, "little") + raw[8:10] + stem.encode() + b"\0"
-    dst.write_bytes(header + raw[10:])
-
-
-def _tfds_checksums(name: str) -> dict[str, str]:
-    path = Path(tfds.__file__).parent / "url_checksums" / f"{name}.txt"
-    return {line.split("\t")[3].strip(): line.split("\t")[2]
-            for line in path.read_text().splitlines() if line.strip()}
-
-
-def prepare(name: str, data_dir: str | None = None) -> None:
-    """Prepares a dataset for TFDS; Fashion-MNIST offline from Debian's dataset-fashion-mnist."""
-    data_dir = _data_dir(data_dir)
-    if name not in _SMALL and name != "imagenet2012":
-        raise ValueError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS[:-1])}")
-    builder = tfds.builder(name, data_dir=data_dir)
-    if builder.is_prepared():
-        print(f"{name} is already prepared in {data_dir}", file=sys.stderr)
-        return
-    if name == "imagenet2012":
-        manual = Path(data_dir) / "downloads" / "manual"
-        if not (manual / "ILSVRC2012_img_val.tar").exists():
-            raise DatasetNotFoundError(_IMAGENET_STEPS)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-        return
-    if name != "fashion_mnist":
-        builder.download_and_prepare()  # needs the internet
-        return
-    if not DEBIAN_FASHION_MNIST.is_dir():
-        try:
-            _apt_install("dataset-fashion-mnist")
-        except (DatasetNotFoundError, subprocess.CalledProcessError):
-            builder.download_and_prepare()  # the ordinary TFDS download, where there is internet
-            return
-    expected = _tfds_checksums(name)
-    with tempfile.TemporaryDirectory() as manual:
-        for file, sha in expected.items():
-            dst = Path(manual) / file
-            _restore_gzip_header(DEBIAN_FASHION_MNIST / file, dst)
-            got = hashlib.sha256(dst.read_bytes()).hexdigest()
-            if got != sha:
-                raise ValueError(f"{file}: sha256 {got} differs from TFDS's registered {sha}; "
-                                 "these are not the Fashion-MNIST files TFDS expects")
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    print(f"prepared {name} in {data_dir} from {DEBIAN_FASHION_MNIST}", file=sys.stderr)
-
-
-def _apt_install(package: str) -> None:
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise DatasetNotFoundError(
-            f"no internet and no {DEBIAN_FASHION_MNIST}: run `sudo apt-get install {package}` "
-            "(Debian/Ubuntu), then this command again")
-    print(f"installing Debian's {package} ...", file=sys.stderr)
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-
-
-# ---------------------------------------------------------------- CLI
-
-def bench(name: str, model: str, batch_size: int, steps: int, data_dir: str | None) -> dict:
-    """Images/s of the training pipeline (host side only, after one warm-up batch)."""
-    from zoo.registry import model_info
-
-    it = make_dataset(name, "train", info=model_info(model), global_batch_size=batch_size,
-                      train=True, data_dir=data_dir)
-    next(it)
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(it)
-    elapsed = time.perf_counter() - start
-    return {"dataset": name, "model": model, "batch_size": batch_size, "steps": steps,
-            "images_per_sec": round(steps * batch_size / elapsed, 1)}
-
-
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zoo data")
-    sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("prepare", help="download/prepare a dataset (Fashion-MNIST offline)")
-    p.add_argument("name")
-    p.add_argument("--data-dir")
-    p = sub.add_parser("bench", help="images/s of the training input pipeline")
-    p.add_argument("name")
-    p.add_argument("--model", default="simple_cnn")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--data-dir")
-    args = parser.parse_args(argv)
-    try:
-        if args.what == "prepare":
-            prepare(args.name, args.data_dir)
-        else:
-            print(json.dumps(bench(args.name, args.model, args.batch_size, args.steps,
-                                   args.data_dir)))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
