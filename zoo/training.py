@@ -583,10 +583,18 @@ def train(config: TrainConfig) -> dict:
         good checkpoint is kept).
       Interrupted: SIGTERM/SIGINT; the state was saved first.
     """
+    from zoo.lock import workdir_lock
+
+    config = resolve(config)
+    with workdir_lock(config.workdir):  # one run per workdir (zoo/lock.py)
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> dict:
+    """`train` of a resolved config, the workdir locked."""
     from zoo import data
     from zoo.checkpoints import TrainCheckpointer, abstract_like
 
-    config = resolve(config)
     setup = build(config)
     workdir = Path(config.workdir)
     previous = check_resume(config, workdir)
