@@ -1,10 +1,12 @@
-"""Faults of long runs, each made for real: two runs on one workdir.
+"""Faults of long runs, each made for real: two runs on one workdir, a full disk during a save.
 
 Each checks the exit status, the one `error:` line (no traceback) and that the complete
 checkpoints and the other files of the workdir are as they were.
 """
 
 import json
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -89,3 +91,62 @@ def test_the_lock_of_a_run_that_died_is_taken_over(tmp_path, env, dataset):
     assert len(notes) == 1 and notes[0].startswith("note: ") and f"pid {dead.pid} on host" in \
         notes[0] and "taking it over" in notes[0], err[-3000:]
     assert not (work / "train.lock").exists() and steps_on_disk(work) == [2]
+
+
+# ---------------------------------------------------------------- a full disk
+
+def _mount_tmpfs(path, size):
+    """Whether a tmpfs of `size` could be mounted at `path` (needs root or CAP_SYS_ADMIN)."""
+    path.mkdir()
+    if not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_during_a_save_stops_with_one_line(tmp_path, env, dataset):
+    """lenet5 (0.7 MiB a checkpoint) on a 4 MiB tmpfs: a save fails with ENOSPC, for real.
+    Where no filesystem can be mounted, the write error is injected at the OS layer instead:
+    the run's file-size limit (RLIMIT_FSIZE, set with prlimit after two steps) makes the next
+    checkpoint's write fail with EFBIG."""
+    disk = tmp_path / "disk"
+    mounted = _mount_tmpfs(disk, "4m")
+    try:
+        work = disk / "w"
+        argv = flags(work, dataset, "--checkpoint-every", "1", "--max-to-keep", "100",
+                     "--eval-every", "100000", model="lenet5")
+        code, _, err = run_main(argv + ["--steps", "2"])
+        assert code == 0, err[-3000:]
+        kept = snapshot(work / "checkpoints")
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv, "--steps", "30"],
+                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        if not mounted:
+            wait_for(work / "checkpoints" / "3", proc)
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+        _, err = proc.communicate(timeout=300)
+        line = error_line(proc.returncode, err)
+        steps = steps_on_disk(work)
+        failed, newest = steps[-1] + 1, steps[-1]
+        assert 2 < newest < 29, steps
+        assert f"could not write checkpoint step {failed} to {work / 'checkpoints'}: " in line
+        assert (("no space left on the device holding it" in line and "once space is freed"
+                 in line) if mounted else "file too large" in line), line
+        assert f"the newest complete checkpoint is step {newest}; rerunning the same command " \
+               "resumes from it" in line, line
+        if mounted:
+            assert "MiB free on the device holding" in err and "less than the 101 " \
+                "checkpoints of 0.7 MiB that --max-to-keep 100 needs" in err, err[-3000:]
+        # the earlier checkpoints are as they were, the newest complete one restores, and
+        # nothing partial is left
+        assert {k: v for k, v in snapshot(work / "checkpoints").items() if k in kept} == kept
+        assert all(p.name.isdigit() for p in (work / "checkpoints").iterdir())
+        assert checkpoints.load_model(work)[3]["step"] == newest
+        assert not (work / "train.lock").exists()
+        if mounted:  # space freed: the same command resumes from the newest complete step
+            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        code, out, err = run_main(argv + ["--steps", str(newest + 1)])
+        assert code == 0 and f"resuming from step {newest}" in err, err[-3000:]
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], check=False)

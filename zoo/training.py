@@ -622,6 +622,7 @@ def _train(config: TrainConfig) -> dict:
                 print(f"note: settings changed since the last run ({', '.join(changed)}); "
                       "the new ones apply from here", file=sys.stderr)
             config.save(workdir / "config.json")
+            ckpt.check_space(_state_dict(state))
             what = (f"resuming at step {start}" if restored else "starting")
             print(f"{what}: {config.model} on {config.dataset} "
                   f"{'x'.join(map(str, config.image_shape))}, {setup.total_steps} steps "
