@@ -71,6 +71,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="newest checkpoints kept (the best by eval top-1 is kept too)")
     p.add_argument("--allow-fallback", action="store_true",
                    help="resume from the previous checkpoint when the newest is damaged")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="image_folder: leave out (and count) files that are not readable images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--export", help="also write the final model + model card to this directory")
     h = p.add_argument_group("multi-host (default: detected from SLURM / Open MPI / TPU)")
@@ -101,7 +103,8 @@ def config_from_args(args):
         num_classes=args.num_classes, data_dir=args.data_dir, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         max_to_keep=args.max_to_keep, allow_fallback=args.allow_fallback,
-        progress=not args.no_progress, export=args.export)
+        progress=not args.no_progress, export=args.export,
+        skip_bad_images=args.skip_bad_images)
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,12 @@
-"""Faults of long runs, each made for real: two runs on one workdir, a full disk during a save.
+"""Faults of long runs, each made for real: two runs on one workdir, a full disk during a save,
+a truncated TFDS record file, an image folder with a file that is not an image.
 
 Each checks the exit status, the one `error:` line (no traceback) and that the complete
 checkpoints and the other files of the workdir are as they were.
 """
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -13,7 +15,10 @@ import subprocess
 import sys
 import time
 
-from zoo import checkpoints
+import numpy as np
+import pytest
+
+from zoo import checkpoints, data
 
 from conftest import ROOT, run_main
 
@@ -150,3 +155,92 @@ def test_a_full_disk_during_a_save_stops_with_one_line(tmp_path, env, dataset):
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# ---------------------------------------------------------------- damaged data
+
+def write_tfds_fashion_mnist(data_dir, train=320, test=64):
+    """A tiny Fashion-MNIST in TFDS's own format (records + dataset_info.json), written here
+    (brightness encodes the class); returns the train split's record file."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("fashion_mnist", data_dir=str(data_dir))
+    info, root = builder.info, builder.data_dir
+    os.makedirs(root)
+    rng = np.random.default_rng(0)
+    splits, paths = [], {}
+    for split, n in (("train", train), ("test", test)):
+        template = tfds.core.ShardedFileTemplate(data_dir=root, dataset_name="fashion_mnist",
+                                                 split=split, filetype_suffix="tfrecord")
+        path = paths[split] = os.fspath(template.sharded_filepaths(1)[0])
+        with tf.io.TFRecordWriter(path) as w:
+            for label in rng.integers(0, 10, n):
+                image = np.clip(rng.normal(20 + 22 * label, 20, (28, 28, 1)), 0, 255)
+                w.write(info.features.serialize_example(
+                    {"image": image.astype(np.uint8), "label": int(label)}))
+        splits.append(tfds.core.SplitInfo(name=split, shard_lengths=[n],
+                                          num_bytes=os.path.getsize(path),
+                                          filename_template=template))
+    info.set_splits(tfds.core.SplitDict(splits))
+    info.write_to_directory(root)
+    return paths["train"]
+
+
+def test_a_truncated_tfds_record_file_names_it_and_how_to_prepare_again(tmp_path, env,
+                                                                         monkeypatch):
+    data_dir = tmp_path / "tfds"
+    train_file = write_tfds_fashion_mnist(data_dir)
+    work = tmp_path / "w"
+    argv = flags(work, "fashion_mnist", "--data-dir", str(data_dir), "--checkpoint-every", "1")
+    code, _, err = run_main(argv + ["--steps", "2"])
+    assert code == 0, err[-3000:]
+    before = snapshot(work)
+    with open(train_file, "r+b") as f:  # cut the second half off
+        f.truncate(os.path.getsize(train_file) // 2)
+    code, _, err = run_main(argv + ["--steps", "4"])
+    line = error_line(code, err)
+    assert f"dataset fashion_mnist in {data_dir} is damaged: {train_file} (truncated record at" \
+        in line, line
+    assert line.endswith(f"prepare it again with `python -m zoo data prepare fashion_mnist "
+                         f"--data-dir {data_dir} --force`"), line
+    assert snapshot(work) == before
+    code, _, err = run_main(argv + ["--steps", "4", "--skip-bad-images"])  # folders only
+    assert "applies to image_folder: datasets only" in error_line(code, err)
+
+    # the command named: --force removes the damaged copy, then prepares it as usual
+    if not data.DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip("no Debian Fashion-MNIST to prepare from")
+    version_dir = os.path.dirname(train_file)
+    seen = []
+    monkeypatch.setattr(data.tfds.core.DatasetBuilder, "download_and_prepare",
+                        lambda self, **kw: seen.append(os.path.exists(version_dir)))
+    assert data.cli(["prepare", "fashion_mnist", "--data-dir", str(data_dir), "--force"]) == 0
+    assert seen == [False]
+
+
+def test_an_image_folder_file_that_is_not_an_image(tmp_path, env, dataset):
+    folder = tmp_path / "images"
+    shutil.copytree(dataset.split(":", 1)[1], folder)
+    name = f"image_folder:{folder}"
+    work = tmp_path / "w"
+    code, _, err = run_main(flags(work, name, "--steps", "2"))
+    assert code == 0, err[-3000:]
+    before = snapshot(work)
+    (folder / "class3" / "notes.jpg").write_text("not a picture\n")
+    code, _, err = run_main(flags(work, name, "--steps", "4"))
+    line = error_line(code, err)
+    assert line == (f"error: {name}: 1 of 261 files are not images ({folder}/class3/notes.jpg); "
+                    "replace or remove them, or pass --skip-bad-images to leave them out"), line
+    assert snapshot(work) == before
+
+    # --skip-bad-images leaves them out, counted: also a PNG cut short (only decoding tells)
+    png = (folder / "class5" / "0.png").read_bytes()
+    (folder / "class5" / "cut.png").write_bytes(png[:len(png) // 2])
+    code, out, err = run_main(flags(work, name, "--steps", "4", "--skip-bad-images"))
+    assert code == 0, err[-3000:]
+    warnings = [x for x in err.splitlines() if "--skip-bad-images" in x]
+    assert warnings == [f"warning: {name}: leaving out 2 of 262 files that are not readable "
+                        f"images (--skip-bad-images): {folder}/class3/notes.jpg, "
+                        f"{folder}/class5/cut.png"], err[-3000:]
+    assert "(260 test images" in out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import signal
@@ -309,6 +310,7 @@ class TrainConfig:
     allow_fallback: bool = False
     progress: bool = True
     export: str | None = None  # also write the final model (save_model + model card) here
+    skip_bad_images: bool = False  # an image folder's unreadable files are left out
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -360,7 +362,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     from zoo import data
 
     info = model_info(config.model)  # ValueError with suggestions for unknown names
-    spec = data.dataset_info(config.dataset, config.data_dir)
+    spec = data.dataset_info(config.dataset, config.data_dir, config.skip_bad_images)
     r = config.recipe
     if r.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {r.optimizer!r}; use {', '.join(OPTIMIZERS)}")
@@ -381,6 +383,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ValueError(f"{name} must not be negative, not {value}")
     if not 0 <= r.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), not {r.label_smoothing}")
+    if config.skip_bad_images and spec.kind != "folder":
+        raise ValueError("--skip-bad-images applies to image_folder: datasets only")
     parallel.check_batch_size(r.batch_size)
     if config.parallel == "pmap":
         parallel.check_batch_size(r.batch_size // jax.process_count(), jax.local_device_count())
@@ -553,7 +557,7 @@ def build(config: TrainConfig) -> _Setup:
     from zoo import data
 
     info = model_info(config.model)
-    spec = data.dataset_info(config.dataset, config.data_dir)
+    spec = data.dataset_info(config.dataset, config.data_dir, config.skip_bad_images)
     kwargs = config.create_kwargs()
     dtype = jnp.dtype(config.dtype)
     eval_model = create_model(config.model, dtype=dtype, **kwargs)
@@ -577,8 +581,10 @@ def train(config: TrainConfig) -> dict:
     `eval_every` steps, and returns the final evaluation {'step', 'epoch', 'test_top1', ...}.
 
     Raises:
-      ValueError (CheckpointError, DatasetNotFoundError): a bad configuration, an unreadable
-        checkpoint or missing data, before anything in the workdir is changed.
+      ValueError (CheckpointError, DatasetNotFoundError, DatasetCorruptError, WorkdirLocked):
+        a bad configuration, an unreadable checkpoint, missing or damaged data, or a workdir
+        in use by another run, before anything in the workdir is changed; a checkpoint that
+        could not be written (CheckpointWriteError: the complete ones are kept).
       FloatingPointError: the loss became NaN/inf (the message names the step; the last
         good checkpoint is kept).
       Interrupted: SIGTERM/SIGINT; the state was saved first.
@@ -612,7 +618,10 @@ def _train(config: TrainConfig) -> dict:
         batches = data.make_dataset(
             config.dataset, "train", info=setup.info, image_size=config.image_shape,
             global_batch_size=config.recipe.batch_size, train=True, data_dir=config.data_dir,
-            seed=config.seed, start_step=start, augment=config.recipe.augment)
+            seed=config.seed, start_step=start, augment=config.recipe.augment,
+            skip_bad_images=config.skip_bad_images)
+        if start < setup.total_steps:  # damaged data fails here, before the workdir is written
+            batches = itertools.chain([next(batches)], batches)
         # from here on the run owns the workdir
         if lead:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -669,7 +678,7 @@ def _loop(config: TrainConfig, setup: _Setup, state, batches, ckpt, stop, mesh) 
         eval_batches = data.make_dataset(
             config.dataset, setup.spec.eval_split, info=setup.info,
             image_size=config.image_shape, global_batch_size=eval_batch, train=False,
-            data_dir=config.data_dir)
+            data_dir=config.data_dir, skip_bad_images=config.skip_bad_images)
         return evaluate(setup.eval_model, variables, eval_batches, mesh=mesh)
 
     writer = _Writer(workdir, lead)
