@@ -39,6 +39,8 @@ def parse(argv):
     p.add_argument("--num-examples", type=int, help="evaluate the first N examples only")
     p.add_argument("--image-size", type=image_size_arg, help="HxWxC fed to the model (default: the checkpoint's, "
                                         "else the model's)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="image_folder: leave out (and count) files that are not readable images")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -96,7 +98,8 @@ def run(args) -> dict:
     from zoo import data, training
     from zoo.registry import param_count
 
-    spec = data.dataset_info(args.dataset, args.data_dir)  # DatasetNotFoundError for folders
+    # DatasetNotFoundError / DatasetCorruptError for folders
+    spec = data.dataset_info(args.dataset, args.data_dir, args.skip_bad_images)
     model, variables, info, source = load(args)
     if args.image_size:
         image_size = args.image_size
@@ -107,7 +110,8 @@ def run(args) -> dict:
     split = args.split or spec.eval_split
     batches = data.make_dataset(args.dataset, split, info=info, image_size=image_size,
                                 global_batch_size=args.batch_size, train=False,
-                                data_dir=args.data_dir, num_examples=args.num_examples)
+                                data_dir=args.data_dir, num_examples=args.num_examples,
+                                skip_bad_images=args.skip_bad_images)
     total = spec.splits.get(split)
     if args.num_examples is not None:
         total = min(total, args.num_examples) if total else args.num_examples

@@ -3,8 +3,8 @@
 Intentionally short: the step, the loop, checkpoints and data live in the `zoo` package. A run
 resumes from the newest complete checkpoint in --workdir, which also receives config.json,
 metrics.jsonl, TensorBoard events and the Orbax checkpoints (the newest --max-to-keep plus the
-best by eval top-1). Exit status: 0 done, 1 diverged (NaN/inf loss), 2 bad input (one line
-`error: ...`, the workdir left as it was), 128+N stopped by signal N after saving.
+best by eval top-1), and is held by one run at a time (WORKDIR/train.lock). Exit status:
+see EXIT_CODES (printed by --help).
 """
 
 from __future__ import annotations
@@ -19,14 +19,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from zoo.cli import error, image_size_arg  # noqa: E402
 
 
+EXIT_CODES = """exit status (each failure prints one line `error: ...`):
+  0        done
+  1        diverged: the loss became NaN/inf (the step is named; the last good checkpoint is kept)
+  2        bad input or environment, the workdir left as it was: bad flags, missing or damaged
+           data, an unreadable checkpoint, a workdir in use by another run; or a checkpoint
+           that could not be written (full disk): the complete ones are kept, rerun to resume
+  128+N    stopped by signal N after saving (143: SIGTERM); rerun to resume"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults shown, the exit-status epilog kept as written."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's usage block is noise in logs)
         self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
+                formatter_class=_Formatter)
     p.add_argument("--model", required=True, help="a name from `python -m zoo list`")
     p.add_argument("--dataset", required=True,
                    help="mnist, fashion_mnist, cifar10, cifar100, imagenet2012, image_folder:PATH")
@@ -63,6 +76,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="newest checkpoints kept (the best by eval top-1 is kept too)")
     p.add_argument("--allow-fallback", action="store_true",
                    help="resume from the previous checkpoint when the newest is damaged")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="image_folder: leave out (and count) files that are not readable images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--export", help="also write the final model + model card to this directory")
     h = p.add_argument_group("multi-host (default: detected from SLURM / Open MPI / TPU)")
@@ -93,7 +108,8 @@ def config_from_args(args):
         num_classes=args.num_classes, data_dir=args.data_dir, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         max_to_keep=args.max_to_keep, allow_fallback=args.allow_fallback,
-        progress=not args.no_progress, export=args.export)
+        progress=not args.no_progress, export=args.export,
+        skip_bad_images=args.skip_bad_images)
 
 
 def main(argv=None) -> int:
@@ -104,7 +120,7 @@ def main(argv=None) -> int:
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         config = config_from_args(args)
         final = training.train(config)
-    except ValueError as e:  # bad flags, data not prepared, unreadable checkpoint
+    except ValueError as e:  # bad flags, missing/damaged data, checkpoints, workdir in use
         return error(e)
     except FloatingPointError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

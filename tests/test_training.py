@@ -323,6 +323,7 @@ def test_kill9_then_resume_is_bit_identical(tmp_path, env, dataset):
     code, out, err = run_main(flags(work, dataset, *run))
     assert code == 0, err[-3000:]
     assert f"resuming from step {steps[-1]}" in err
+    assert f"train.lock was left by a run that no longer holds it (pid {proc.pid} " in err
     (s1, p1), (s2, p2) = _params(tmp_path / "ref"), _params(work)
     assert s1 == s2 == 30
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
@@ -346,6 +347,7 @@ def test_sigterm_saves_then_exits(tmp_path, env, dataset):
     saved = [int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 0 < saved[0] < 100000
     assert f"saved step {saved[0]}" in err and "rerun the same command to resume" in err
+    assert not (work / "train.lock").exists()
 
 
 @pytest.fixture(scope="module")

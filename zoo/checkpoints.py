@@ -5,7 +5,9 @@ Two layouts:
   batch_stats, opt_state, rng) written asynchronously by `TrainCheckpointer`. Orbax writes
   `<step>.orbax-checkpoint-tmp*` first and renames it when complete, so a run killed mid-save
   never leaves a step that looks finished. The newest `max_to_keep` steps are kept, plus the
-  step with the best eval top-1 (`load_model(workdir, step="best")`).
+  step with the best eval top-1 (`load_model(workdir, step="best")`). A write that fails (a
+  full disk) raises one CheckpointWriteError naming the step; the tracebacks Orbax and
+  TensorStore log of it are dropped. Readers open the directory read-only.
 - an exported model: `model_card.json` + `variables/` (params and batch_stats only), written by
   `save_model` for converted torchvision weights, `train.py --export` and `checkpoints/`.
 
@@ -14,8 +16,11 @@ Two layouts:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -41,9 +46,73 @@ class _QuietUnevaluatedSaves(logging.Filter):
         return "did not provide metrics" not in record.getMessage()
 
 
+class _QuietWriteFailures(logging.Filter):
+    """Drops the tracebacks Orbax (and asyncio, for its write tasks nobody awaited once one
+    failed) log of a failed write (a full disk, a read-only mount): the same error reaches the
+    saving thread, which reports it in one line (CheckpointWriteError). Orbax also warns that
+    a reader's manager is read-only; that is the point of it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname and record.name != "asyncio":
+            return True
+        if record.levelno == logging.WARNING:
+            return not record.getMessage().startswith("Given directory is read only")
+        exc = record.exc_info[1] if record.exc_info else None
+        return record.levelno < logging.ERROR or _os_error(exc or record.getMessage()) is None
+
+
+
+
+def _quiet_late_write_callbacks(previous):
+    """sys.unraisablehook without the tracebacks of a failed save's other writes: TensorStore
+    completes them after Orbax has closed that save's event loop, and their callbacks find it
+    closed (`call_soon_threadsafe`: "Event loop is closed"). Nothing is left to deliver."""
+    def hook(unraisable):
+        tb, e = unraisable.exc_traceback, unraisable.exc_value
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and tb
+                is not None and tb.tb_frame.f_code.co_name in ("_check_closed",
+                                                                "call_soon_threadsafe")):
+            previous(unraisable)
+    return hook
+
+
+_QUIET = (("absl", _QuietUnevaluatedSaves()), ("absl", _QuietWriteFailures()),
+          ("asyncio", _QuietWriteFailures()))
+
+
+def _quiet_orbax() -> None:
+    """Installs the filters above, once, when the first checkpointer is made (importing this
+    module changes nothing)."""
+    if getattr(_quiet_orbax, "done", False):
+        return
+    _quiet_orbax.done = True
+    for name, log_filter in _QUIET:
+        logging.getLogger(name).addFilter(log_filter)
+    sys.unraisablehook = _quiet_late_write_callbacks(sys.unraisablehook)
+
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, damaged or of another model."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota, a read-only mount); the message
+    names the step, the cause and the newest complete step a rerun resumes from."""
+
+
+def _os_error(e: BaseException | str | None) -> int | None:
+    """The errno of an OS-level write failure: an OSError's, or the one TensorStore puts in its
+    messages (`[os_error_code='28']`); None for anything else."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    found = re.search(r"os_error_code='(\d+)'", str(e)) if e is not None else None
+    return int(found.group(1)) if found else None
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def abstract_like(tree: Any, sharding=None) -> Any:
@@ -61,13 +130,15 @@ class TrainCheckpointer:
     Every process of a multi-host run makes the same calls (saving is collective).
     """
 
-    _quiet = _QuietUnevaluatedSaves()
-
-    def __init__(self, workdir, max_to_keep: int = 3):
+    def __init__(self, workdir, max_to_keep: int = 3, read_only: bool = False):
+        """`read_only`: a reader of a workdir another process may be training (evaluate.py,
+        `load_model`): it never creates, saves or deletes anything."""
         if max_to_keep < 1:
             raise ValueError(f"--max-to-keep must be at least 1, not {max_to_keep}")
-        logging.getLogger("absl").addFilter(self._quiet)  # once: a filter is added only once
+        _quiet_orbax()
         self.directory = Path(workdir).absolute() / "checkpoints"
+        self.max_to_keep = max_to_keep
+        self._writing: int | None = None  # the step whose background write may still fail
         policies = [cm.LatestN(n=max_to_keep),
                     cm.BestN(get_metric_fn=_best_metric, n=1,
                              keep_checkpoints_without_metrics=False)]
@@ -77,7 +148,8 @@ class TrainCheckpointer:
                 options=ocp.CheckpointManagerOptions(
                     best_fn=_best_metric, best_mode="max",
                     preservation_policy=cm.AnyPreservationPolicy(policies),
-                    enable_async_checkpointing=True))
+                    enable_async_checkpointing=True, read_only=read_only,
+                    create=not read_only, save_interval_steps=0 if read_only else 1))
         except Exception as e:  # a damaged step's metadata, an unreadable directory
             raise CheckpointError(f"cannot read the checkpoints in {self.directory} "
                                   f"({first_line(e)})") from None
@@ -96,8 +168,49 @@ class TrainCheckpointer:
         the devices, while the files are written in the background."""
         if step in self.manager.all_steps():
             return
+        self.wait()  # a failure of the previous step's write surfaces here, with its step
         metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
-        self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+        self._writing = step
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
+                              force=True)
+        except (OSError, ValueError) as e:
+            raise self._write_error(step, e) from None
+
+    def _write_error(self, step: int, e: BaseException) -> CheckpointWriteError:
+        """The one-line report of a failed write of `step`; removes its partial directory
+        (never listed as a step, but it holds the space a rerun needs)."""
+        self._writing = None
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        code = _os_error(e)
+        if code == errno.ENOSPC:
+            why = (f"no space left on the device holding it "
+                   f"({_mib(shutil.disk_usage(self.directory).free)} free)")
+        else:
+            why = os.strerror(code).lower() if code else first_line(e)
+        done = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) \
+            if self.directory.is_dir() else []
+        then = (f"the newest complete checkpoint is step {done[-1]}; rerunning the same command "
+                "resumes from it" if done else
+                "no checkpoint is complete; rerunning the same command starts over")
+        if code == errno.ENOSPC:
+            then += " once space is freed"
+        return CheckpointWriteError(f"could not write checkpoint step {step} to "
+                                    f"{self.directory}: {why}; {then}")
+
+    def check_space(self, state: Any) -> None:
+        """Warns when the disk cannot hold `max_to_keep` + 1 checkpoints of `state`'s size (the
+        kept steps plus the one being written), counting the steps already there as held."""
+        size = sum(x.nbytes for x in jax.tree.leaves(state))
+        need = (self.max_to_keep + 1 - len(self.steps())) * size
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            print(f"warning: {_mib(free)} free on the device holding {self.directory}, less "
+                  f"than the {self.max_to_keep + 1} checkpoints of {_mib(size)} that "
+                  f"--max-to-keep {self.max_to_keep} needs (those kept + the one being "
+                  "written); a save will fail when the disk is full", file=sys.stderr)
 
     def restore(self, abstract_state: Any, step: int | None = None, allow_fallback: bool = False
                 ) -> tuple[int, Any] | None:
@@ -138,18 +251,30 @@ class TrainCheckpointer:
         return getattr(meta, "tree", meta)
 
     def wait(self) -> None:
-        """Blocks until every started save is on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until every started save is on disk; CheckpointWriteError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except (OSError, ValueError) as e:
+            if self._writing is None:
+                raise
+            raise self._write_error(self._writing, e) from None
+        self._writing = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+            return
+        try:  # already failing: that error is the one to report
+            self.close()
+        except Exception:
+            pass
 
 
 def _best_metric(metrics) -> float:
@@ -234,7 +359,7 @@ def _load_workdir(directory: Path, step: int | str | None):
     create_kwargs = config.create_kwargs()
     model = create_model(config.model, **create_kwargs)
     info = model_info(config.model)
-    ckpt = TrainCheckpointer(directory)
+    ckpt = TrainCheckpointer(directory, read_only=True)  # a run may be training it
     try:
         steps = ckpt.steps()
         if not steps:

@@ -42,6 +42,8 @@ def data(argv: list[str]) -> int:
     p = sub.add_parser("prepare", help="download/prepare a dataset (Fashion-MNIST offline)")
     p.add_argument("name")
     p.add_argument("--data-dir")
+    p.add_argument("--force", action="store_true",
+                   help="remove a prepared copy first (e.g. after a damaged-file error)")
     p = sub.add_parser("bench", help="images/s of the training input pipeline")
     p.add_argument("name")
     p.add_argument("--model", default="simple_cnn")
@@ -54,7 +56,7 @@ def data(argv: list[str]) -> int:
 
     try:
         if args.what == "prepare":
-            zdata.prepare(args.name, args.data_dir)
+            zdata.prepare(args.name, args.data_dir, args.force)
             return 0
         it = zdata.make_dataset(args.name, "train", info=model_info(args.model),
                                 global_batch_size=args.batch_size, train=True,

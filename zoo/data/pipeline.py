@@ -14,8 +14,11 @@ the accelerators belong to JAX.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -36,6 +39,11 @@ class DatasetNotFoundError(ValueError):
     """The dataset is not on this machine; the message says how to get it."""
 
 
+class DatasetCorruptError(ValueError):
+    """A dataset file is truncated, damaged or not an image; the message names the dataset, the
+    file where known, and how to prepare it again (or, for an image folder, --skip-bad-images)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     name: str
@@ -45,6 +53,7 @@ class DatasetSpec:
     eval_split: str
     data_dir: str
     kind: str  # 'small' (decoded in memory), 'imagenet' (JPEG bytes) or 'folder'
+    skip_bad_images: bool = False  # an image folder's unreadable files are left out
 
 
 SMALL_DATASETS = {"mnist": (10, (28, 28, 1)), "fashion_mnist": (10, (28, 28, 1)),
@@ -58,13 +67,18 @@ def data_dir_of(data_dir: str | None) -> str:
                               or "~/tensorflow_datasets")
 
 
-def dataset_info(name: str, data_dir: str | None = None) -> DatasetSpec:
-    """Classes, native image shape and split sizes of a supported dataset."""
+def dataset_info(name: str, data_dir: str | None = None, skip_bad_images: bool = False
+                 ) -> DatasetSpec:
+    """Classes, native image shape and split sizes of a supported dataset.
+
+    An image folder's files are checked here (see `_folder_files`): without `skip_bad_images`,
+    one that is not an image raises DatasetCorruptError before anything is trained.
+    """
     data_dir = data_dir_of(data_dir)
     if name.startswith("image_folder:"):
-        classes, files = _folder_files(name.split(":", 1)[1])
+        classes, files = _folder_files(name.split(":", 1)[1], skip_bad_images)
         return DatasetSpec(name, len(classes), None, {"test": len(files)}, "test", data_dir,
-                           "folder")
+                           "folder", skip_bad_images)
     if name not in SMALL_DATASETS and name != "imagenet2012":
         raise ValueError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS)}")
     info = tfds.builder(name, data_dir=data_dir).info
@@ -75,17 +89,71 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetSpec:
     return DatasetSpec(name, classes, shape, splits, "test", data_dir, "small")
 
 
-def _folder_files(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+def _folder_files(root: str, skip_bad_images: bool = False
+                  ) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes and (path, label) of an image folder's JPEG/PNG files.
+
+    Every file's first bytes are checked (a text file named .jpg fails at once, named, instead
+    of deep inside tf.data): DatasetCorruptError. With `skip_bad_images` such files, and ones
+    TensorFlow cannot decode (every file is decoded once), are left out and counted on stderr.
+    """
     root_path = Path(root)
     if not root_path.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist (expected one "
                                    "sub-folder of JPEG/PNG images per class)")
-    classes = sorted(p.name for p in root_path.iterdir() if p.is_dir())
-    files = [(str(f), i) for i, c in enumerate(classes) for f in sorted((root_path / c).iterdir())
-             if f.suffix.lower() in _IMAGE_EXTS]
+    classes = tuple(sorted(p.name for p in root_path.iterdir() if p.is_dir()))
+    stamp = tuple((root_path / c).stat().st_mtime_ns for c in classes)  # files added/removed
+    files, bad = _checked_files(str(root_path), classes, stamp, skip_bad_images)
+    if bad and not skip_bad_images:
+        raise DatasetCorruptError(
+            f"image_folder:{root}: {len(bad)} of {len(files) + len(bad)} files are not images "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); replace or remove them, or "
+            "pass --skip-bad-images to leave them out")
     if not files:
         raise DatasetNotFoundError(f"no JPEG/PNG images in class sub-folders of {root}")
-    return classes, files
+    return list(classes), files
+
+
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")  # decode_image's
+
+
+def _looks_like_image(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8).startswith(_SIGNATURES)
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_files(root: str, classes: tuple, stamp: tuple, decode: bool
+                   ) -> tuple[list[tuple[str, int]], list[str]]:
+    """(usable files, bad paths) of a folder, once per process and state of its directories;
+    with `decode` the bad ones are also reported here, once."""
+    files = [(str(f), i) for i, c in enumerate(classes) for f in sorted(Path(root, c).iterdir())
+             if f.suffix.lower() in _IMAGE_EXTS]
+    bad = [f for f, _ in files if not _looks_like_image(f)]
+    if decode:
+        named = set(bad)
+        bad += _undecodable([f for f, _ in files if f not in named])
+        if bad:
+            print(f"warning: image_folder:{root}: leaving out {len(bad)} of {len(files)} files "
+                  f"that are not readable images (--skip-bad-images): {', '.join(bad[:3])}"
+                  f"{', ...' if len(bad) > 3 else ''}", file=sys.stderr)
+    bad_set = set(bad)
+    return [x for x in files if x[0] not in bad_set], bad
+
+
+def _undecodable(paths: list[str]) -> list[str]:
+    """The files tf.io.decode_image fails on (each decoded once, in parallel)."""
+    if not paths:
+        return []
+    ds = tf.data.Dataset.from_tensor_slices(paths).enumerate().map(
+        lambda i, p: (i, tf.shape(tf.io.decode_image(tf.io.read_file(p), channels=3,
+                                                     expand_animations=False))),
+        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    ok = {int(i) for i, _ in ds.as_numpy_iterator()}
+    return [p for i, p in enumerate(paths) if i not in ok]
 
 
 # ---------------------------------------------------------------- preprocessing ops (tf.data)
@@ -205,7 +273,7 @@ def _preprocess_fn(spec: DatasetSpec, info: ModelInfo, size: tuple[int, int, int
 def _source(spec: DatasetSpec, split: str) -> tf.data.Dataset:
     """Examples {'image', 'label'} of a split string ('test', 'train[:10%]', ...)."""
     if spec.kind == "folder":
-        _, files = _folder_files(spec.name.split(":", 1)[1])
+        _, files = _folder_files(spec.name.split(":", 1)[1], spec.skip_bad_images)
         paths, labels = zip(*files)
         return tf.data.Dataset.from_tensor_slices({"image": list(paths), "label": list(labels)})
     decoders = {"image": tfds.decode.SkipDecoding()} if spec.kind == "imagenet" else None
@@ -245,8 +313,8 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
                  image_size: tuple[int, int, int] | None = None, global_batch_size: int,
                  train: bool, data_dir: str | None = None, seed: int = 0, start_step: int = 0,
                  augment: bool | None = None, num_examples: int | None = None,
-                 process_index: int | None = None, process_count: int | None = None
-                 ) -> Iterator[dict]:
+                 process_index: int | None = None, process_count: int | None = None,
+                 skip_bad_images: bool = False) -> Iterator[dict]:
     """Batches of one split, preprocessed for one model.
 
     Args:
@@ -262,6 +330,7 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
         MNIST-like data (random 2-pixel crops when True).
       num_examples: use only the first N examples of the split.
       process_index, process_count: this process's share (default: from JAX).
+      skip_bad_images: leave out an image folder's unreadable files (see `_folder_files`).
     Yields:
       {'image': float32 (B, H, W, C), 'label': int32 (B,), 'mask': bool (B,)}, with
       B = global_batch_size // process_count.
@@ -274,7 +343,7 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
                          f"{count} processes")
     batch = global_batch_size // count
-    spec = dataset_info(name, data_dir)
+    spec = dataset_info(name, data_dir, skip_bad_images)
     size = tuple(image_size or info.input_size)
     if spec.kind == "small" and augment is None:
         augment = train and spec.image_shape[-1] == 3
@@ -285,8 +354,64 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
         base = base.cache()
     preprocess = _preprocess_fn(spec, info, size, train, augment)
     if train:
-        return _train_batches(base, preprocess, batch, seed, start_step, per_process)
-    return _eval_batches(base, preprocess, batch, per_process)
+        return _guarded(_train_batches(base, preprocess, batch, seed, start_step, per_process),
+                        spec, part)
+    return _guarded(_eval_batches(base, preprocess, batch, per_process), spec, part)
+
+
+def _guarded(batches: Iterator[dict], spec: DatasetSpec, split) -> Iterator[dict]:
+    """`batches`, a damaged file turned into one DatasetCorruptError: a truncated or corrupt
+    TFRecord (DataLossError, raised at the first read past the damage) or an image of a folder
+    that cannot be decoded."""
+    try:
+        yield from batches
+    except tf.errors.DataLossError as e:
+        raise DatasetCorruptError(_damaged_records(spec, split, e.message)) from None
+    except tf.errors.InvalidArgumentError as e:
+        if spec.kind != "folder":
+            raise
+        raise DatasetCorruptError(
+            f"{spec.name}: an image cannot be decoded ({_tf_message(e.message)}); pass "
+            "--skip-bad-images to find and leave out such files") from None
+
+
+def _tf_message(message: str) -> str:
+    """A tf.data error's own words, without the op and function names around them."""
+    message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message)
+    message = message.replace("' failed with ", ": ")  # TFRecordReader's unbalanced quote
+    return re.split(r" \[Op:|\n", message)[0].strip()
+
+
+def _damaged_records(spec: DatasetSpec, split, message: str) -> str:
+    """The one-line report of a damaged TFDS record file (named where it can be found)."""
+    at = re.search(r"record at (\d+)", message)
+    name = split if isinstance(split, str) else split.split  # tfds.even_splits' objects
+    info_splits = tfds.builder(spec.name, data_dir=spec.data_dir).info.splits
+    base = re.split(r"[\[+]", name)[0]
+    files = [str(f) for f in info_splits[base].filepaths] if base in info_splits else []
+    if at:  # the damage is at this offset of one of them
+        files = [f for f in files if os.path.exists(f) and os.path.getsize(f) >= int(at[1])]
+    if len(files) > 1:
+        files = [f for f in files if _cut_short(f)]
+    where = (files[0] if len(files) == 1 else f"a record file of its {base} split")
+    again = f"python -m zoo data prepare {spec.name}" + (
+        f" --data-dir {spec.data_dir}" if spec.data_dir != data_dir_of(None) else "") + " --force"
+    return (f"dataset {spec.name} in {spec.data_dir} is damaged: {where} "
+            f"({_tf_message(message)}); prepare it again with `{again}`")
+
+
+def _cut_short(path: str) -> bool:
+    """Whether a TFRecord file ends inside a record: its framing (8-byte length, 4-byte CRC,
+    data, 4-byte CRC) is walked without reading the data."""
+    size, pos = os.path.getsize(path), 0
+    with open(path, "rb") as f:
+        while pos < size:
+            f.seek(pos)
+            head = f.read(8)
+            if len(head) < 8:
+                return True
+            pos += 16 + int.from_bytes(head, "little")
+    return pos != size
 
 
 def _train_batches(base, preprocess, batch: int, seed: int, start_step: int, n: int):

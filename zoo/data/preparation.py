@@ -41,12 +41,17 @@ def _tfds_checksums(name: str) -> dict[str, str]:
             for line in path.read_text().splitlines() if line.strip()}
 
 
-def prepare(name: str, data_dir: str | None = None) -> None:
-    """Prepares a dataset for TFDS; Fashion-MNIST offline from Debian's dataset-fashion-mnist."""
+def prepare(name: str, data_dir: str | None = None, force: bool = False) -> None:
+    """Prepares a dataset for TFDS; Fashion-MNIST offline from Debian's dataset-fashion-mnist.
+    `force` first removes a prepared copy (damaged files: DatasetCorruptError says so)."""
     data_dir = data_dir_of(data_dir)
     if name not in SMALL_DATASETS and name != "imagenet2012":
         raise ValueError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS[:-1])}")
     builder = tfds.builder(name, data_dir=data_dir)
+    if force and builder.is_prepared():
+        print(f"removing the prepared {name} in {builder.data_dir} (--force)", file=sys.stderr)
+        shutil.rmtree(builder.data_dir)
+        builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
         print(f"{name} is already prepared in {data_dir}", file=sys.stderr)
         return

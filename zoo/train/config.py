@@ -43,6 +43,7 @@ class TrainConfig:
     allow_fallback: bool = False
     progress: bool = True
     export: str | None = None  # also write the final model (save_model + model card) here
+    skip_bad_images: bool = False  # an image folder's unreadable files are left out
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -94,7 +95,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     from zoo import data
 
     info = model_info(config.model)  # ValueError with suggestions for unknown names
-    spec = data.dataset_info(config.dataset, config.data_dir)
+    spec = data.dataset_info(config.dataset, config.data_dir, config.skip_bad_images)
     r = config.recipe
     if r.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {r.optimizer!r}; use {', '.join(OPTIMIZERS)}")
@@ -115,6 +116,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ValueError(f"{name} must not be negative, not {value}")
     if not 0 <= r.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), not {r.label_smoothing}")
+    if config.skip_bad_images and spec.kind != "folder":
+        raise ValueError("--skip-bad-images applies to image_folder: datasets only")
     parallel.check_batch_size(r.batch_size)
     if config.parallel == "pmap":
         parallel.check_batch_size(r.batch_size // jax.process_count(), jax.local_device_count())

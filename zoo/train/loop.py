@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import signal
@@ -120,7 +121,7 @@ def build(config: TrainConfig) -> _Setup:
     from zoo import data
 
     info = model_info(config.model)
-    spec = data.dataset_info(config.dataset, config.data_dir)
+    spec = data.dataset_info(config.dataset, config.data_dir, config.skip_bad_images)
     kwargs = config.create_kwargs()
     dtype = jnp.dtype(config.dtype)
     eval_model = create_model(config.model, dtype=dtype, **kwargs)
@@ -147,16 +148,26 @@ def train(config: TrainConfig) -> dict:
     `eval_every` steps, and returns the final evaluation {'step', 'epoch', 'test_top1', ...}.
 
     Raises:
-      ValueError (CheckpointError, DatasetNotFoundError): a bad configuration, an unreadable
-        checkpoint or missing data, before anything in the workdir is changed.
+      ValueError (CheckpointError, DatasetNotFoundError, DatasetCorruptError, WorkdirLocked):
+        a bad configuration, an unreadable checkpoint, missing or damaged data, or a workdir
+        in use by another run, before anything in the workdir is changed; a checkpoint that
+        could not be written (CheckpointWriteError: the complete ones are kept).
       FloatingPointError: the loss became NaN/inf (the message names the step; the last
         good checkpoint is kept).
       Interrupted: SIGTERM/SIGINT; the state was saved first.
     """
+    from zoo.lock import workdir_lock
+
+    config = resolve(config)
+    with workdir_lock(config.workdir):  # one run per workdir (zoo/lock.py)
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> dict:
+    """`train` of a resolved config, the workdir locked."""
     from zoo import data
     from zoo.checkpoints import TrainCheckpointer, abstract_like
 
-    config = resolve(config)
     setup = build(config)
     workdir = Path(config.workdir)
     previous = check_resume(config, workdir)
@@ -174,7 +185,10 @@ def train(config: TrainConfig) -> dict:
         batches = data.make_dataset(
             config.dataset, "train", info=setup.info, image_size=config.image_shape,
             global_batch_size=config.recipe.batch_size, train=True, data_dir=config.data_dir,
-            seed=config.seed, start_step=start, augment=config.recipe.augment)
+            seed=config.seed, start_step=start, augment=config.recipe.augment,
+            skip_bad_images=config.skip_bad_images)
+        if start < setup.total_steps:  # damaged data fails here, before the workdir is written
+            batches = itertools.chain([next(batches)], batches)
         # from here on the run owns the workdir
         if lead:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +198,7 @@ def train(config: TrainConfig) -> dict:
                 print(f"note: settings changed since the last run ({', '.join(changed)}); "
                       "the new ones apply from here", file=sys.stderr)
             config.save(workdir / "config.json")
+            ckpt.check_space(_state_dict(state))
             what = (f"resuming at step {start}" if restored else "starting")
             print(f"{what}: {config.model} on {config.dataset} "
                   f"{'x'.join(map(str, config.image_shape))}, {setup.total_steps} steps "
@@ -222,7 +237,7 @@ def _loop(config: TrainConfig, setup: _Setup, state, batches, ckpt, stop, mesh) 
         eval_batches = data.make_dataset(
             config.dataset, setup.spec.eval_split, info=setup.info,
             image_size=config.image_shape, global_batch_size=eval_batch, train=False,
-            data_dir=config.data_dir)
+            data_dir=config.data_dir, skip_bad_images=config.skip_bad_images)
         return evaluate(setup.eval_model, variables, eval_batches, mesh=mesh)
 
     writer = _Writer(workdir, lead)
