@@ -128,12 +128,13 @@ def check_batch_size(global_batch_size: int, num_devices: int | None = None) -> 
 
 # ---------------------------------------------------------------- compiled steps
 
-def jit_step(step_fn: Callable, mesh: Mesh) -> Callable:
+def jit_step(step_fn: Callable, mesh: Mesh, donate: bool = True) -> Callable:
     """`step_fn(state, batch)` compiled with the state replicated, the batch split on 'data'
-    and the incoming state's buffers donated (updated in place)."""
+    and the incoming state's buffers donated (updated in place; `bench --no-donate` turns
+    that off to measure what it saves)."""
     rep, split = shardings(mesh)
     return jax.jit(step_fn, in_shardings=(rep, split), out_shardings=(rep, rep),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,) if donate else ())
 
 
 def pmap_step(step_fn: Callable) -> Callable:
