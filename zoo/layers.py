@@ -36,6 +36,16 @@ def check_input(x, model: str, channels: int, min_size: int) -> None:
                          f"(resize it, or pick a model for small images)")
 
 
+def train_mode(module: nn.Module, train: bool | None) -> bool:
+    """The mode of a model call: `train` where the caller gives it. Without it (a Flax-style
+    `model.apply(variables, x, mutable=['batch_stats'])`, as Flax's examples train), the call
+    trains exactly when BatchNorm statistics may change: a mutable 'batch_stats' collection
+    outside `init` means training, a plain `apply` means evaluation."""
+    if train is not None:
+        return bool(train)
+    return module.is_mutable_collection("batch_stats") and not module.is_initializing()
+
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 

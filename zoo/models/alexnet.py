@@ -14,7 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input
+from zoo.layers import (AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input,
+                        train_mode)
 from zoo.registry import TorchConversion, register_model
 
 # A tuple is a conv (filters, kernel, stride, padding) followed by a ReLU; "M" is the
@@ -42,8 +43,9 @@ class AlexNet(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
         check_input(x, self.arch, self.in_channels, self.min_size)
+        train = train_mode(self, train)
         x = x.astype(self.dtype)
         i = 0  # index in torch's nn.Sequential: conv, ReLU, pool and LRN take one each
         for layer in self.cfg:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import AdaptiveAvgPool, AvgPool, Conv, Flatten, MaxPool, check_input
+from zoo.layers import AdaptiveAvgPool, AvgPool, Conv, Flatten, MaxPool, check_input, train_mode
 from zoo.registry import (IMAGENET_MEAN, IMAGENET_STD, TorchConversion,
                           register_model)
 
@@ -147,8 +147,9 @@ class GoogLeNet(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
         check_input(x, "googlenet", self.in_channels, 15)
+        train = train_mode(self, train)
         x = (_transform_input(x) if self.transform_input else x).astype(self.dtype)
         conv = partial(BasicConv2d, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, axis_name=self.axis_name)
@@ -297,8 +298,9 @@ class Inception3(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
         check_input(x, "inception_v3", self.in_channels, 75)
+        train = train_mode(self, train)
         x = (_transform_input(x) if self.transform_input else x).astype(self.dtype)
         conv = partial(BasicConv2d, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, axis_name=self.axis_name)

@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import AvgPool, Flatten, MaxPool, check_input
+from zoo.layers import AvgPool, Flatten, MaxPool, check_input, train_mode
 from zoo.registry import register_model
 
 
@@ -31,8 +31,9 @@ class LeNet5(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
         check_input(x, "lenet5", self.in_channels, 32)
+        train = train_mode(self, train)
         act = {"relu": nn.relu, "tanh": jnp.tanh}[self.activation]
         pool = {"max": MaxPool, "avg": AvgPool}[self.pooling]
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.layers import Conv, GlobalAvgPool, MaxPool, check_input
+from zoo.layers import Conv, GlobalAvgPool, MaxPool, check_input, train_mode
 from zoo.registry import TorchConversion, register_model
 
 _HE = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's conv init
@@ -127,8 +127,9 @@ class ResNet(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
         check_input(x, self.arch, self.in_channels, self.min_size)
+        train = train_mode(self, train)
         x = x.astype(self.dtype)
         k, s = (3, 1) if self.stem == "cifar" else (7, 2)
         x = Conv(self.widths[0], (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype,

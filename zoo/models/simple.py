@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import Flatten, GlobalAvgPool, MaxPool, check_input
+from zoo.layers import Flatten, GlobalAvgPool, MaxPool, check_input, train_mode
 from zoo.registry import register_model
 
 _MNIST = dict(mean=(0.5,), std=(0.5,), min_size=28)
@@ -27,8 +27,9 @@ class SimpleCNN(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
         check_input(x, "simple_cnn", self.in_channels, 28)
+        train = train_mode(self, train)
         x = x.astype(self.dtype)
         for i, width in enumerate((32, 64, 64), start=1):
             x = nn.relu(nn.Conv(width, (3, 3), padding=1, dtype=self.dtype,
@@ -68,8 +69,9 @@ class StridedCNN(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
         check_input(x, "strided_cnn", self.in_channels, 2 ** (len(self.widths) - 1))
+        train = train_mode(self, train)
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
             x = StridedConvBlock(width, self.dtype, self.param_dtype, name=f"cnn_encoder_{i}")(x)

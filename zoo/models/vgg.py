@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input
+from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input, train_mode
 from zoo.registry import TorchConversion, register_model
 
 # Table 1 of the paper, one column each: a number is a 3x3 conv (pad 1) + ReLU with that many
@@ -54,8 +54,9 @@ class VGG(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool | None = None):
         check_input(x, self.arch, self.in_channels, self.min_size)
+        train = train_mode(self, train)
         x = x.astype(self.dtype)
         i = 0  # index in torch's nn.Sequential: conv, BN, ReLU, pool and LRN take one each
         for v in self.cfg:
