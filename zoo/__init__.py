@@ -6,7 +6,11 @@ from zoo.features import feature_maps
 from zoo.registry import ModelInfo, create_model, list_models, model_info, register_model
 from zoo.summary import summary
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+# The shipped checkpoints: the repository's checkpoints/ in a checkout or an editable install,
+# zoo/shipped inside an installed wheel (pyproject.toml maps one to the other).
+_HERE = Path(__file__).resolve().parent
+CHECKPOINTS = next((p for p in (_HERE / "shipped", _HERE.parent / "checkpoints") if p.is_dir()),
+                   _HERE / "shipped")
 
 
 def load_pretrained(name_or_path: str):
