@@ -13,13 +13,10 @@ CHECKPOINTS = next((p for p in (_HERE / "shipped", _HERE.parent / "checkpoints")
                    _HERE / "shipped")
 
 
-def load_pretrained(name_or_path: str):
-    """(model, variables, info) of a shipped checkpoint name, an exported model or a workdir.
-
-    `name_or_path` is a directory (`python -m zoo convert` output, a train.py `--export` or
-    workdir) or the name of one in the repository's checkpoints/ ('simple_cnn_fashion_mnist').
-    """
-    from zoo.checkpoints import CheckpointError, load_model
+def pretrained_path(name_or_path: str) -> Path:
+    """The directory of a shipped checkpoint name ('simple_cnn_fashion_mnist') or of a path
+    (`python -m zoo convert` output, a train.py `--export` or workdir)."""
+    from zoo.checkpoints import CheckpointError
 
     path = Path(name_or_path)
     if not path.exists() and (CHECKPOINTS / name_or_path).exists():
@@ -28,9 +25,17 @@ def load_pretrained(name_or_path: str):
         shipped = sorted(p.name for p in CHECKPOINTS.glob("*") if p.is_dir())
         raise CheckpointError(f"no checkpoint {name_or_path!r}: not a directory, and not one "
                               f"of the shipped checkpoints ({', '.join(shipped) or 'none'})")
-    model, variables, info, _ = load_model(path)
+    return path
+
+
+def load_pretrained(name_or_path: str):
+    """(model, variables, info) of a shipped checkpoint name, an exported model or a workdir
+    (see `pretrained_path`)."""
+    from zoo.checkpoints import load_model
+
+    model, variables, info, _ = load_model(pretrained_path(name_or_path))
     return model, variables, info
 
 
-__all__ = ["ModelInfo", "create_model", "feature_maps", "list_models", "load_pretrained",
-           "model_info", "register_model", "summary"]
+__all__ = ["CHECKPOINTS", "ModelInfo", "create_model", "feature_maps", "list_models",
+           "load_pretrained", "model_info", "pretrained_path", "register_model", "summary"]
