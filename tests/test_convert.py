@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from zoo import cli, convert, parity, weights  # noqa: E402
+from zoo import cards, cli, convert, parity, weights  # noqa: E402
 from zoo.checkpoints import load_model  # noqa: E402
 from zoo.registry import create_model, model_info  # noqa: E402
 
@@ -244,3 +244,35 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_timm_logits_parity(name):
+    """timm's ResNets share torchvision's state_dict layout: its random weights convert through
+    the same strict map and give the same logits."""
+    pytest.importorskip("timm")
+    result = parity.logits_parity(name, source="timm")
+    gc.collect()
+    assert result["logit_scale"] > 1e-3 and result["relative"] < 1e-4, result
+
+
+def test_timm_card_records_timms_preprocessing(resnet18, tmp_path):
+    pytest.importorskip("timm")
+    _, sd, _, _ = resnet18
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
+               tmp_path / "resnet18_a1.pth")
+    out = tmp_path / "ckpt"
+    assert cli.convert(["resnet18", "--from", str(tmp_path / "resnet18_a1.pth"), "--out",
+                        str(out), "--timm", "resnet18.a1_in1k"]) == 0
+    card = load_model(out)[3]
+    # timm's config for resnet18.a1_in1k: 224 crop at crop_pct 0.95, bicubic
+    assert card["preprocessing"]["interpolation"] == "bicubic"
+    assert card["preprocessing"]["crop_size"] == 224
+    assert card["preprocessing"]["resize_size"] == round(224 / 0.95)
+    assert card["source"]["timm_weights"] == "resnet18.a1_in1k"
+    info = cards.apply_preprocessing(model_info("resnet18"), card["preprocessing"])
+    assert (info.interpolation, info.resize_size) == ("bicubic", 236)
+    with pytest.raises(ValueError, match="not of resnet18's architecture"):
+        cards.timm_preprocessing("resnet18", "resnet50.a1_in1k")
+    with pytest.raises(ValueError, match="has no timm twin"):
+        cards.timm_preprocessing("vgg16", "vgg16.tv_in1k")

@@ -67,22 +67,49 @@ def apply_preprocessing(info: ModelInfo, prep: Mapping | None) -> ModelInfo:
     return dataclasses.replace(info, **fields)
 
 
+def timm_preprocessing(name: str, tag: str) -> dict:
+    """The evaluation transform of timm's pretrained weights `tag` ('resnet50.a1_in1k') for
+    zoo model `name`, from timm's own pretrained config: input size, crop_pct (resize =
+    crop / crop_pct), interpolation, mean/std. ValueError for a tag of another architecture."""
+    from zoo.parity import import_torchvision
+
+    info = model_info(name)
+    if info.timm_name is None or tag.split(".")[0] != info.timm_name:
+        raise ValueError(f"timm weights {tag!r} are not of {name}'s architecture "
+                         f"(timm twin: {info.timm_name or 'none'}); use {info.timm_name}.<tag>"
+                         if info.timm_name else f"{name} has no timm twin")
+    import_torchvision()  # timm imports torchvision
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(tag)
+    if cfg is None:
+        raise ValueError(f"timm knows no pretrained weights {tag!r}")
+    crop = cfg.input_size[-1]
+    return {"resize_size": round(crop / cfg.crop_pct), "crop_size": crop,
+            "interpolation": cfg.interpolation, "antialias": True, "mean": list(cfg.mean),
+            "std": list(cfg.std), "timm_weights": tag}
+
+
 def conversion_card(name: str, path, sha256: str, kwargs: dict, dropped: list[str],
-               param_count: int) -> dict:
-    """The card `python -m zoo convert` writes next to the variables."""
+                    param_count: int, timm: str | None = None) -> dict:
+    """The card `python -m zoo convert` writes next to the variables; `timm` names timm's
+    pretrained tag the file holds, whose preprocessing it records."""
     import flax
     import jax
 
     info = model_info(name)
-    weights = recognise_weights(sha256, Path(path).name)
+    weights = None if timm else recognise_weights(sha256, Path(path).name)
+    prep = timm_preprocessing(name, timm) if timm else preprocessing(info, weights)
     card = {
         "source": {"file": Path(path).name, "path": str(Path(path).absolute()),
                    "sha256": sha256, "format": Path(path).suffix.lstrip("."),
                    "torchvision_model": info.torchvision_name,
                    "torchvision_weights": weights.name if weights else None,
-                   "sha256_matches_release": sha256_verified(weights, sha256)},
-        "image_size": list(info.input_size),
-        "preprocessing": preprocessing(info, weights),
+                   "sha256_matches_release": sha256_verified(weights, sha256),
+                   "timm_weights": timm},
+        "image_size": [prep["crop_size"], prep["crop_size"], info.input_size[2]]
+        if prep["crop_size"] else list(info.input_size),
+        "preprocessing": prep,
         "param_count": param_count,
         "dropped_keys": [k for k in dropped if not k.endswith("num_batches_tracked")],
         "reference_top1": weights.top1 if weights else None,

@@ -85,6 +85,9 @@ def convert(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     parser.add_argument("--drop-aux", action="store_true",
                         help="leave out googlenet/inception_v3's auxiliary classifiers")
+    parser.add_argument("--timm", metavar="TAG",
+                        help="the file holds timm's pretrained weights TAG (e.g. "
+                             "resnet50.a1_in1k): record timm's preprocessing for them")
     parser.add_argument("--no-transform-input", action="store_true",
                         help="googlenet/inception_v3 weights trained without transform_input")
     args = parser.parse_args(argv)
@@ -100,7 +103,7 @@ def convert(argv: list[str]) -> int:
             transform_input=False if args.no_transform_input else None)
         count = param_count(variables)
         card = cards.conversion_card(args.model, args.source, file_sha256(args.source), kwargs,
-                                     dropped, count)
+                                     dropped, count, timm=args.timm)
         save_model(args.out, model_name=args.model, variables=variables, card=card,
                    create_kwargs=kwargs)
     except (ValueError, OSError) as e:

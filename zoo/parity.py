@@ -36,12 +36,7 @@ def torchvision_model(name: str, *, seed: int = 0, num_classes: int | None = Non
                       calibration_input: np.ndarray | None = None):
     """torchvision's `name` with random weights, in eval mode, every tensor informative.
 
-    Beyond torchvision's init, BatchNorm scale/bias/running stats and every bias are random, so
-    a parity check tests their conversion too (torch's init leaves them 1/0 and identity); with
-    `calibrate`, the running statistics of the BatchNorms on the main path are then set from
-    their inputs on `calibration_input` (NHWC; default a random batch), which keeps every
-    layer's output of order one, as in a trained network.
-    GoogLeNet/Inception v3 have `transform_input=True`, as with torchvision's released weights.
+    The weights are made `informative`. GoogLeNet/Inception v3 have `transform_input=True`, as with torchvision's released weights.
     """
     import torch
 
@@ -52,6 +47,38 @@ def torchvision_model(name: str, *, seed: int = 0, num_classes: int | None = Non
         kwargs.update(aux_logits=aux_logits, transform_input=True, init_weights=True)
     torch.manual_seed(seed)
     model = tv.models.get_model(info.torchvision_name, weights=None, **kwargs).eval()
+    return informative(model, info.min_size, seed=seed, calibrate=calibrate,
+                       calibration_input=calibration_input)
+
+
+def timm_model(name: str, *, seed: int = 0, num_classes: int | None = None,
+               calibrate: bool = True, calibration_input: np.ndarray | None = None):
+    """timm's architecture `ModelInfo.timm_name` with random weights, made informative as
+    `torchvision_model`'s (timm's ResNets share torchvision's state_dict layout)."""
+    import torch
+
+    import_torchvision()  # timm imports torchvision
+    import timm
+
+    info = model_info(name)
+    if info.timm_name is None:
+        raise ValueError(f"{name} has no timm twin of the same architecture")
+    torch.manual_seed(seed)
+    model = timm.create_model(info.timm_name, pretrained=False,
+                              num_classes=num_classes or info.num_classes).eval()
+    return informative(model, info.min_size, seed=seed, calibrate=calibrate,
+                       calibration_input=calibration_input)
+
+
+def informative(model, min_size: int, *, seed: int = 0, calibrate: bool = True,
+                calibration_input: np.ndarray | None = None):
+    """`model` (a torch module in eval mode) with random BatchNorm scale/bias/running
+    statistics and biases, so that a parity check tests their conversion too (torch's init
+    leaves them 1/0 and identity); with `calibrate`, the running statistics of the BatchNorms
+    on the main path are then set from their inputs on `calibration_input` (NHWC; default a
+    random batch of `min_size` images), which keeps every layer's output of order one."""
+    import torch
+
     g = torch.Generator().manual_seed(seed + 1)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
@@ -80,7 +107,7 @@ def torchvision_model(name: str, *, seed: int = 0, num_classes: int | None = Non
                     m.running_mean.shape, generator=g, dtype=torch.float64))
 
             if calibration_input is None:
-                x = torch.randn((4, 3, info.min_size, info.min_size), generator=g)
+                x = torch.randn((4, 3, min_size, min_size), generator=g)
             else:
                 x = torch.from_numpy(np.ascontiguousarray(calibration_input.transpose(0, 3, 1, 2)))
             hooks = [m.register_forward_pre_hook(set_stats) for m in norms]
@@ -91,11 +118,12 @@ def torchvision_model(name: str, *, seed: int = 0, num_classes: int | None = Non
 
 
 def logits_parity(name: str, *, size: int | None = None, batch: int = 2, seed: int = 0,
-                  tv_model=None) -> dict:
-    """Max abs difference of the zoo's and torchvision's float32 eval logits on one random batch.
+                  tv_model=None, source: str = "torchvision") -> dict:
+    """Max abs difference of the zoo's and torchvision's (or timm's) float32 eval logits on one
+    random batch.
 
-    The torchvision model (random, see `torchvision_model`, BatchNorm statistics calibrated on
-    the input) is converted through `convert_state_dict`; the input is N(0, 1) NHWC of `size`
+    The torch model (random, see `torchvision_model` / `timm_model` for `source` 'timm',
+    BatchNorm statistics calibrated on the input) is converted through `convert_state_dict`; the input is N(0, 1) NHWC of `size`
     (default: the smallest the model accepts). Returns {'model', 'input', 'max_abs_diff', 'logit_scale', 'relative'} where
     relative = max_abs_diff / max |torch logit|.
     """
@@ -105,7 +133,8 @@ def logits_parity(name: str, *, size: int | None = None, batch: int = 2, seed: i
     size = size or model_info(name).min_size
     x = np.random.default_rng(seed).standard_normal((batch, size, size, 3), np.float32)
     if tv_model is None:
-        tv_model = torchvision_model(name, seed=seed, calibration_input=x)
+        build = {"torchvision": torchvision_model, "timm": timm_model}[source]
+        tv_model = build(name, seed=seed, calibration_input=x)
     variables, kwargs, _ = convert_state_dict(name, tv_model.state_dict())
     with torch.no_grad():
         ref = tv_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()

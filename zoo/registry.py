@@ -61,6 +61,7 @@ class ModelInfo:
       paper_top5_error: ImageNet top-5 error (%) the paper or the lecture notes report.
       torchvision_name: the torchvision builder with the same architecture, if any.
       conversion: how its torchvision weights convert (set with torchvision_name).
+      timm_name: timm's model of the same architecture and state_dict layout, if any.
       aux_loss_weight: weight of auxiliary classifier losses in training (GoogLeNet: 0.3).
     """
 
@@ -78,6 +79,7 @@ class ModelInfo:
     paper_top5_error: float | None = None
     torchvision_name: str | None = None
     conversion: TorchConversion | None = None
+    timm_name: str | None = None
     aux_loss_weight: float = 0.0
 
     @property
