@@ -16,31 +16,38 @@ from zoo.registry import abstract_variables
 
 
 def _shapes(model, size, channels):
+    """The outputs of `model.init` on a (1, size, size, channels) batch, as shapes."""
     x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-    return jax.eval_shape(model.apply, abstract_variables(model, (size, size, channels)), x)
+    return jax.eval_shape(lambda a: model.init_with_output(jax.random.key(0), a)[0], x)
 
 
 @pytest.mark.parametrize("name", zoo.list_models())
 def test_feature_info_is_what_the_backbone_returns(name):
     """Channels, nominal reductions and names of `feature_info` are the backbone's own: the
     maps grow by exactly D / reduction when the input grows by D (a multiple of every
-    stride), and each name is the top-level module (in feature_maps' terms) with that map."""
+    stride), and each name is the top-level module (as `zoo.feature_maps` names them) whose
+    output has the stage map's size."""
     info = zoo.model_info(name)
     stages, (size, c) = info.feature_info, (info.min_size, info.input_size[2])
     assert stages and len({s.name for s in stages}) == len(stages)
     backbone = zoo.create_model(name, features_only=True)
+    tops = {}
+
+    def record(next_fun, args, kwargs, ctx):  # feature_maps' rule, inside the traced init
+        out = next_fun(*args, **kwargs)
+        if ctx.method_name == "__call__" and len(ctx.module.path) == 1 and out.ndim == 4:
+            tops[ctx.module.path[0]] = out.shape
+        return out
+
+    with nn.intercept_methods(record):
+        small = _shapes(backbone, size, c)
     grow = 2 * max(s.reduction for s in stages)
-    small, large = _shapes(backbone, size, c), _shapes(backbone, size + grow, c)
+    large = _shapes(backbone, size + grow, c)
     assert [m.shape[-1] for m in small] == [s.channels for s in stages]
     assert [(b.shape[1] - a.shape[1]) * s.reduction
             for a, b, s in zip(small, large, stages)] == [grow] * len(stages)
     assert all(m.dtype == jnp.float32 for m in small)
-
-    classifier = zoo.create_model(name)
-    x = jax.ShapeDtypeStruct((1, size, size, c), jnp.float32)
-    maps = jax.eval_shape(lambda v, a: feature_maps(classifier, v, a),
-                          abstract_variables(classifier, (size, size, c)), x)
-    assert [maps[s.name].shape[1:3] for s in stages] == [m.shape[1:3] for m in small]
+    assert [tops[s.name][1:3] for s in stages] == [m.shape[1:3] for m in small]
 
 
 def test_resnet50_feature_info_and_torch_names():
@@ -96,12 +103,21 @@ def test_other_bad_options():
         _shapes(zoo.create_model("resnet18").clone(features_only=True, out_indices=(7,)), 32, 3)
 
 
+def _random(shapes, seed=0):
+    """Random arrays for an abstract variable tree (no compiled init: it costs more than the
+    tests); BatchNorm variances positive."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: (rng.uniform(0.5, 1.5, s.shape) if path[-1].key == "var"
+                         else rng.normal(0, 0.1, s.shape)).astype(np.float32), shapes)
+
+
 @pytest.fixture(scope="module")
 def resnet18():
-    """resnet18 classifier variables (10 classes, 32x32) and a batch."""
+    """resnet18 classifier variables (10 classes) and a 32x32 batch."""
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = jax.jit(zoo.create_model("resnet18", num_classes=10).init)(jax.random.key(0), x)
-    return variables, x
+    return _random(abstract_variables(zoo.create_model("resnet18", num_classes=10),
+                                      (32, 32, 3))), x
 
 
 def test_backbone_variables_are_the_classifier_minus_its_head(resnet18):
@@ -158,7 +174,7 @@ class Detector(nn.Module):
 def test_backbone_nests_trains_and_loads_classifier_weights(resnet18):
     classifier_vars, x = resnet18
     det = Detector(zoo.create_model("resnet18", features_only=True, out_indices=(2, 3, 4)))
-    variables = jax.jit(det.init)(jax.random.key(2), x)
+    variables = _random(jax.eval_shape(det.init, jax.random.key(2), x), seed=1)
     assert set(variables["params"]) == {"backbone", "lateral0", "lateral1", "lateral2"}
     # the classifier's variables, minus fc, are the backbone's
     sub = backbone_variables("resnet18", classifier_vars, out_indices=(2, 3, 4))
