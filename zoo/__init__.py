@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
-from zoo.features import feature_maps
-from zoo.registry import ModelInfo, create_model, list_models, model_info, register_model
+from zoo.features import backbone_variables, feature_maps
+from zoo.registry import (FeatureInfo, ModelInfo, create_model, list_models, model_info,
+                          register_model)
 from zoo.summary import summary
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -28,5 +29,5 @@ def load_pretrained(name_or_path: str):
     return model, variables, info
 
 
-__all__ = ["ModelInfo", "create_model", "feature_maps", "list_models", "load_pretrained",
-           "model_info", "register_model", "summary"]
+__all__ = ["FeatureInfo", "ModelInfo", "backbone_variables", "create_model", "feature_maps",
+           "list_models", "load_pretrained", "model_info", "register_model", "summary"]
