@@ -91,7 +91,14 @@ def test_bad_out_indices_name_the_stages(options, match):
             "4 layer4_1 (512 channels, stride 32)") in str(e.value)
 
 
-def test_other_bad_options():
+def test_other_bad_options(monkeypatch):
+    from zoo import registry
+
+    plain = registry._Entry(zoo.create_model("simple_cnn").clone,
+                            registry.ModelInfo("plain", "simple", (28, 28, 1), 10, 28))
+    monkeypatch.setitem(registry._REGISTRY, "plain", plain)  # a family that declares no stages
+    with pytest.raises(ValueError, match="plain declares no feature stages"):
+        zoo.create_model("plain", features_only=True)
     with pytest.raises(ValueError, match="need features_only=True"):
         zoo.create_model("resnet18", out_indices=(1,))
     with pytest.raises(ValueError, match="its options are .*out_indices"):

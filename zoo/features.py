@@ -29,6 +29,9 @@ def check_out_indices(name: str, out_indices) -> tuple[int, ...]:
     """`out_indices` of model `name` as a tuple (None: every stage), or one ValueError naming
     the valid indices and their stages."""
     n = len(model_info(name).feature_info)
+    if not n:
+        raise ValueError(f"{name} declares no feature stages (its registration has no "
+                         "feature_info), so it has no features_only backbone")
     if out_indices is None:
         return tuple(range(n))
     try:
