@@ -1,5 +1,6 @@
 """torchvision -> zoo conversion: logits parity for every convertible model, backbone stage
-parity (resnet50, vgg16_bn, googlenet), file round trips, and the strict errors (missing / unexpected / mis-shaped keys, pickles that need code).
+parity (resnet50, vgg16_bn, googlenet), file round trips, and the strict errors (missing /
+unexpected / mis-shaped keys, pickles that need code).
 
 torchvision's pretrained weights cannot be downloaded here: every test builds torchvision models
 with random weights (BatchNorm statistics and biases random too), as the released files would
