@@ -1,5 +1,6 @@
-"""torchvision -> zoo conversion: logits parity for every convertible model, file round trips,
-and the strict errors (missing / unexpected / mis-shaped keys, pickles that need code).
+"""torchvision -> zoo conversion: logits parity for every convertible model, backbone stage
+parity (resnet50, vgg16_bn, googlenet), file round trips, and the strict errors (missing /
+unexpected / mis-shaped keys, pickles that need code).
 
 torchvision's pretrained weights cannot be downloaded here: every test builds torchvision models
 with random weights (BatchNorm statistics and biases random too), as the released files would
@@ -56,6 +57,40 @@ def test_flatten_order_at_full_size(name, size):
     gc.collect()
     jax.clear_caches()
     assert result["relative"] < 1e-4, result
+
+
+@pytest.mark.parametrize("name,size", [("resnet50", 64), ("vgg16_bn", 32), ("googlenet", 64)])
+def test_backbone_stage_parity(name, size):
+    """Each stage map of the backbone built from converted weights is the output of the
+    torchvision module `feature_info` names (forward hooks), at an input where every stage map
+    is at least 2x2."""
+    from zoo.features import backbone_variables
+
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3), np.float32)
+    tv_model = parity.torchvision_model(name, calibration_input=x)
+    stages = model_info(name).feature_info
+    ref = {}
+    hooks = [tv_model.get_submodule(s.torch_module).register_forward_hook(
+        lambda m, i, out, key=s.torch_module: ref.setdefault(key, out.detach().clone()))
+        for s in stages]
+    with torch.no_grad():
+        tv_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    for h in hooks:
+        h.remove()
+    converted, kwargs, _ = convert.convert_state_dict(name, tv_model.state_dict())
+    del tv_model
+    variables = backbone_variables(name, converted, **kwargs)
+    backbone = create_model(name, features_only=True, **kwargs)
+    maps = jax.jit(lambda v, a: backbone.apply(v, a, train=False))(variables, x)
+    relative = {}
+    for s, m in zip(stages, maps):
+        want = ref[s.torch_module].numpy().transpose(0, 2, 3, 1)
+        assert m.shape == want.shape, s
+        relative[s.name] = float(np.abs(np.asarray(m) - want).max() / np.abs(want).max())
+    del converted, variables
+    gc.collect()
+    jax.clear_caches()
+    assert max(relative.values()) < 1e-4, relative
 
 
 @pytest.mark.parametrize("name", ["vgg19_bn"])  # every VGG has logits parity above

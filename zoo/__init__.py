@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
-from zoo.features import feature_maps
-from zoo.registry import ModelInfo, create_model, list_models, model_info, register_model
+from zoo.features import backbone_variables, feature_maps
+from zoo.registry import (FeatureInfo, ModelInfo, create_model, list_models, model_info,
+                          register_model)
 from zoo.summary import summary
 
 # The shipped checkpoints: the repository's checkpoints/ in a checkout or an editable install,
@@ -37,5 +38,6 @@ def load_pretrained(name_or_path: str):
     return model, variables, info
 
 
-__all__ = ["CHECKPOINTS", "ModelInfo", "create_model", "feature_maps", "list_models",
-           "load_pretrained", "model_info", "pretrained_path", "register_model", "summary"]
+__all__ = ["CHECKPOINTS", "FeatureInfo", "ModelInfo", "backbone_variables", "create_model",
+           "feature_maps", "list_models", "load_pretrained", "model_info", "pretrained_path",
+           "register_model", "summary"]

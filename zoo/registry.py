@@ -44,6 +44,26 @@ class TorchConversion:
 
 
 @dataclasses.dataclass(frozen=True)
+class FeatureInfo:
+    """One stage map of a `features_only` model (timm's `feature_info` entry).
+
+    Attributes:
+      name: the zoo module whose output (after the activation that follows it) is the map, as
+        named in the variable tree and by `zoo.feature_maps` ('bn1', 'layer1_2', 'features_22').
+      channels: the map's channels.
+      reduction: the stride of the map with respect to the input, nominal (unpadded 'valid'
+        convolutions shrink the map a little more).
+      torch_module: torchvision's module with the same output ('relu', 'layer1', 'features.22'),
+        as timm names it; None where the family has no torch counterpart.
+    """
+
+    name: str
+    channels: int
+    reduction: int
+    torch_module: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What a model expects and what is known about it (timm's PretrainedCfg, in small).
 
@@ -63,6 +83,7 @@ class ModelInfo:
       conversion: how its torchvision weights convert (set with torchvision_name).
       timm_name: timm's model of the same architecture and state_dict layout, if any.
       aux_loss_weight: weight of auxiliary classifier losses in training (GoogLeNet: 0.3).
+      feature_info: the stage maps `create_model(name, features_only=True)` returns, in order.
     """
 
     name: str
@@ -81,6 +102,7 @@ class ModelInfo:
     conversion: TorchConversion | None = None
     timm_name: str | None = None
     aux_loss_weight: float = 0.0
+    feature_info: tuple[FeatureInfo, ...] = ()
 
     @property
     def top1(self) -> float | None:
@@ -155,7 +177,7 @@ def model_info(name: str) -> ModelInfo:
 
 
 def create_model(name: str, num_classes: int | None = None, *, dtype: Any = jnp.float32,
-                 **overrides: Any) -> nn.Module:
+                 features_only: bool = False, out_indices=None, **overrides: Any) -> nn.Module:
     """Builds a registered model.
 
     Args:
@@ -163,14 +185,24 @@ def create_model(name: str, num_classes: int | None = None, *, dtype: Any = jnp.
       num_classes: size of the classifier; None for the model's default, 0 for no head (the
         model then returns pooled features).
       dtype: compute dtype (parameters stay float32; logits are float32).
+      features_only: a backbone: the model returns the list of its NHWC stage maps
+        (`model_info(name).feature_info`, in compute dtype) and has no head.
+      out_indices: with `features_only`, the indices of the stages to return (default: all);
+        the model stops after the last one.
       **overrides: architecture options of the model's module (e.g. `in_channels=1`).
 
     Raises:
-      ValueError: unknown name or unknown option.
+      ValueError: unknown name, unknown option, or out_indices that name no stage.
     """
     entry = _entry(name)
     kwargs = dict(num_classes=entry.info.num_classes if num_classes is None else num_classes,
                   dtype=dtype, **overrides)
+    if features_only:
+        from zoo.features import check_out_indices
+
+        kwargs.update(features_only=True, out_indices=check_out_indices(name, out_indices))
+    elif out_indices is not None:
+        raise ValueError(f"{name}: out_indices selects stage maps, which need features_only=True")
     try:
         return entry.factory(**kwargs)
     except TypeError as e:  # an unknown keyword: name the options the model has

@@ -14,9 +14,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from zoo.features import StageMaps
 from zoo.layers import (AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input,
                         train_mode)
-from zoo.registry import TorchConversion, register_model
+from zoo.registry import FeatureInfo, TorchConversion, register_model
 
 # A tuple is a conv (filters, kernel, stride, padding) followed by a ReLU; "M" is the
 # overlapping 3x3/2 max pool; "LRN" is Krizhevsky's normalisation (size 5, 1e-4, 0.75, k=2).
@@ -26,11 +27,33 @@ KRIZHEVSKY_2012 = ((96, 11, 4, 0), "M", "LRN", (256, 5, 1, 2), "M", "LRN", (384,
                    (384, 3, 1, 1), (256, 3, 1, 1), "M")
 
 
+def _sequence(cfg: tuple):
+    """(index in torch's `features` nn.Sequential, layer) of a layer table (a conv and its ReLU
+    take two indices)."""
+    i = 0
+    for layer in cfg:
+        yield i, layer
+        i += 1 if layer in ("M", "LRN") else 2
+
+
+def alexnet_stages(cfg: tuple) -> tuple[FeatureInfo, ...]:
+    """The stage maps of an AlexNet: the map right before each max pool, after its ReLU."""
+    stages, channels, last, reduction = [], 0, "", 1
+    for i, layer in _sequence(cfg):
+        if layer == "M":
+            stages.append(FeatureInfo(last, channels, reduction, f"features.{i - 1}"))
+            reduction *= 2
+        elif layer != "LRN":
+            channels, last, reduction = layer[0], f"features_{i}", reduction * layer[2]
+    return tuple(stages)
+
+
 class AlexNet(nn.Module):
     """Conv features from `cfg`, then dropout, FC 4096, dropout, FC 4096, FC classes (ReLUs).
 
     `adaptive_pool=False` is the paper's head: the input must give a 6x6 map (227x227).
     `arch` and `min_size` are the registry name and smallest input, for the input check.
+    `features_only` returns the stage maps `out_indices` of `alexnet_stages` instead of logits.
     """
 
     num_classes: int = 1000
@@ -41,16 +64,20 @@ class AlexNet(nn.Module):
     min_size: int = 63
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    features_only: bool = False
+    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         check_input(x, self.arch, self.in_channels, self.min_size)
         train = train_mode(self, train)
         x = x.astype(self.dtype)
-        i = 0  # index in torch's nn.Sequential: conv, ReLU, pool and LRN take one each
-        for layer in self.cfg:
+        stages = StageMaps(self.features_only, self.out_indices)
+        for i, layer in _sequence(self.cfg):
             name = f"features_{i}"
             if layer == "M":
+                if stages.add(x):
+                    return stages.output()
                 x = MaxPool(3, 2, name=name)(x)
             elif layer == "LRN":
                 x = LocalResponseNorm(5, 1e-4, 0.75, 2.0, name=name)(x)
@@ -58,8 +85,8 @@ class AlexNet(nn.Module):
                 filters, k, s, p = layer
                 x = nn.relu(Conv(filters, (k, k), strides=s, padding=p, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name=name)(x))
-                i += 1
-            i += 1
+        if self.features_only:
+            return stages.output()
         if self.adaptive_pool:
             x = AdaptiveAvgPool(6, name="avgpool")(x)
         elif x.shape[1:3] != (6, 6):
@@ -79,12 +106,13 @@ class AlexNet(nn.Module):
 
 _INFO = dict(family="alexnet", num_classes=1000, resize_size=256, paper_top5_error=15.3)
 register_model("alexnet", AlexNet, input_size=(224, 224, 3), min_size=63, crop_size=224,
-               torchvision_name="alexnet",
+               torchvision_name="alexnet", feature_info=alexnet_stages(TORCHVISION),
                conversion=TorchConversion("classifier.6", (("classifier.1", (256, 6, 6)),)),
                paper="Krizhevsky 2014, One weird trick for parallelizing convolutional neural "
                      "networks (torchvision's single-tower AlexNet)", **_INFO)
 register_model("alexnet_lrn", partial(AlexNet, cfg=KRIZHEVSKY_2012, adaptive_pool=False,
                                       arch="alexnet_lrn", min_size=227),
                input_size=(227, 227, 3), min_size=227, crop_size=227,
+               feature_info=alexnet_stages(KRIZHEVSKY_2012),
                paper="Krizhevsky, Sutskever & Hinton 2012, ImageNet classification with deep "
                      "convolutional neural networks (one tower, as the notes count it)", **_INFO)

@@ -16,8 +16,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from zoo.features import StageMaps
 from zoo.layers import AdaptiveAvgPool, AvgPool, Conv, Flatten, MaxPool, check_input, train_mode
-from zoo.registry import (IMAGENET_MEAN, IMAGENET_STD, TorchConversion,
+from zoo.registry import (IMAGENET_MEAN, IMAGENET_STD, FeatureInfo, TorchConversion,
                           register_model)
 
 
@@ -124,6 +125,10 @@ GOOGLENET_WIDTHS = {  # (#1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj)
 }
 _POOL_AFTER = {"inception3b": ("maxpool3", 3), "inception4e": ("maxpool4", 2)}
 _AUX_AFTER = {"inception4a": "aux1", "inception4d": "aux2"}
+# The end of each resolution: the map before each max pool, and the last module's.
+GOOGLENET_STAGES = tuple(FeatureInfo(n, c, r, n) for n, c, r in (
+    ("conv1", 64, 2), ("conv3", 192, 4), ("inception3b", 480, 8), ("inception4e", 832, 16),
+    ("inception5b", 1024, 32)))
 
 
 class GoogLeNet(nn.Module):
@@ -132,6 +137,7 @@ class GoogLeNet(nn.Module):
     `aux_logits` adds the two auxiliary classifiers (after 4a and 4d; used in training only);
     `transform_input` re-normalises ImageNet-normalised input as torchvision does for the
     ported weights. `branch3_kernel=5` gives the paper's 5x5 convs instead of torchvision's 3x3.
+    `features_only` returns the maps `out_indices` of GOOGLENET_STAGES instead of logits.
     """
 
     num_classes: int = 1000
@@ -145,18 +151,26 @@ class GoogLeNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     axis_name: str | None = None
+    features_only: bool = False
+    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         check_input(x, "googlenet", self.in_channels, 15)
         train = train_mode(self, train)
+        stages = StageMaps(self.features_only, self.out_indices)
         x = (_transform_input(x) if self.transform_input else x).astype(self.dtype)
         conv = partial(BasicConv2d, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, axis_name=self.axis_name)
         for op in GOOGLENET_STEM:
-            x = (MaxPool(3, 2, ceil_mode=True, name=op)(x) if isinstance(op, str)
-                 else conv(*op[1:], name=op[0])(x, train))
-        use_aux = self.aux_logits and self.num_classes and (train or self.is_initializing())
+            if isinstance(op, str):
+                if stages.add(x):
+                    return stages.output()
+                x = MaxPool(3, 2, ceil_mode=True, name=op)(x)
+            else:
+                x = conv(*op[1:], name=op[0])(x, train)
+        use_aux = (self.aux_logits and self.num_classes and not self.features_only
+                   and (train or self.is_initializing()))
         aux = []
         for name, widths in GOOGLENET_WIDTHS.items():
             x = InceptionBlock(widths, self.branch3_kernel, conv, name=name)(x, train)
@@ -164,8 +178,13 @@ class GoogLeNet(nn.Module):
                 aux.append(GoogLeNetAux(self.num_classes, self.dropout_aux, conv, self.dtype,
                                         self.param_dtype, name=_AUX_AFTER[name])(x, train))
             if name in _POOL_AFTER:
+                if stages.add(x):
+                    return stages.output()
                 pool, window = _POOL_AFTER[name]
                 x = MaxPool(window, 2, ceil_mode=True, name=pool)(x)
+        if self.features_only:
+            stages.add(x)
+            return stages.output()
         x = Flatten(name="flatten")(AdaptiveAvgPool(1, name="avgpool")(x))
         if not self.num_classes:
             return x.astype(jnp.float32)
@@ -256,6 +275,11 @@ INCEPTION_V3 = {
     "Mixed_6e": _inception_c(192),
     "Mixed_7a": INCEPTION_D, "Mixed_7b": INCEPTION_E, "Mixed_7c": INCEPTION_E,
 }
+# The end of each resolution: the map before each max pool and each reduction module (6a, 7a),
+# and the last module's (timm's stages).
+INCEPTION_V3_STAGES = tuple(FeatureInfo(n, c, r, n) for n, c, r in (
+    ("Conv2d_2b_3x3", 64, 2), ("Conv2d_4a_3x3", 192, 4), ("Mixed_5d", 288, 8),
+    ("Mixed_6e", 768, 16), ("Mixed_7c", 2048, 32)))
 
 
 class InceptionV3Aux(nn.Module):
@@ -284,7 +308,7 @@ class Inception3(nn.Module):
     """torchvision's Inception v3: stem, Mixed_5b ... Mixed_7c, global average pool, dropout, FC.
 
     `aux_logits` adds the auxiliary classifier after Mixed_6e (training only); `transform_input`
-    as in GoogLeNet.
+    as in GoogLeNet. `features_only` returns the maps `out_indices` of INCEPTION_V3_STAGES.
     """
 
     num_classes: int = 1000
@@ -296,26 +320,39 @@ class Inception3(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     axis_name: str | None = None
+    features_only: bool = False
+    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         check_input(x, "inception_v3", self.in_channels, 75)
         train = train_mode(self, train)
+        stages = StageMaps(self.features_only, self.out_indices)
         x = (_transform_input(x) if self.transform_input else x).astype(self.dtype)
         conv = partial(BasicConv2d, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, axis_name=self.axis_name)
         for op in INCEPTION_V3_STEM:
-            x = (MaxPool(3, 2, name=op)(x) if isinstance(op, str)
-                 else conv(*op[1:], name=op[0])(x, train))
-        use_aux = self.aux_logits and self.num_classes and (train or self.is_initializing())
+            if isinstance(op, str):
+                if stages.add(x):
+                    return stages.output()
+                x = MaxPool(3, 2, name=op)(x)
+            else:
+                x = conv(*op[1:], name=op[0])(x, train)
+        use_aux = (self.aux_logits and self.num_classes and not self.features_only
+                   and (train or self.is_initializing()))
         aux = None
         for name, branches in INCEPTION_V3.items():
+            if ("max",) in branches and stages.add(x):  # a reduction module (6a, 7a) follows
+                return stages.output()
             x = MixedBlock(branches, conv, name=name)(x, train)
             if use_aux and name == "Mixed_6e":  # eval-mode init only creates the head's
                 # variables: a 17x17 dummy map keeps inputs down to 75x75 valid there
                 aux_x = x if train else jnp.zeros((1, 17, 17, x.shape[-1]), x.dtype)
                 aux = InceptionV3Aux(self.num_classes, conv, self.dtype, self.param_dtype,
                                      name="AuxLogits")(aux_x, train)
+        if self.features_only:
+            stages.add(x)
+            return stages.output()
         x = Flatten(name="flatten")(AdaptiveAvgPool(1, name="avgpool")(x))
         if not self.num_classes:
             return x.astype(jnp.float32)
@@ -329,6 +366,7 @@ register_model("googlenet", GoogLeNet, family="inception", input_size=(224, 224,
                num_classes=1000, min_size=15, resize_size=256, crop_size=224,
                paper="Szegedy et al. 2015, Going deeper with convolutions",
                paper_top5_error=6.7, torchvision_name="googlenet", aux_loss_weight=0.3,
+               feature_info=GOOGLENET_STAGES,
                conversion=TorchConversion(
                    "fc", (("aux1.fc1", (128, 4, 4)), ("aux2.fc1", (128, 4, 4))),
                    aux_prefixes=("aux1.", "aux2."), transform_input=True, bn_epsilon=1e-3))
@@ -337,5 +375,6 @@ register_model("inception_v3", Inception3, family="inception", input_size=(299, 
                paper="Szegedy et al. 2016, Rethinking the Inception architecture for computer "
                      "vision",
                torchvision_name="inception_v3", aux_loss_weight=0.4,
+               feature_info=INCEPTION_V3_STAGES,
                conversion=TorchConversion("fc", aux_prefixes=("AuxLogits.",),
                                           transform_input=True, bn_epsilon=1e-3))

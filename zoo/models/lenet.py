@@ -11,8 +11,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from zoo.features import StageMaps
 from zoo.layers import AvgPool, Flatten, MaxPool, check_input, train_mode
-from zoo.registry import register_model
+from zoo.registry import FeatureInfo, register_model
 
 
 class LeNet5(nn.Module):
@@ -20,7 +21,8 @@ class LeNet5(nn.Module):
 
     `activation="relu", pooling="max"` is the modern default; `activation="tanh",
     pooling="avg"` is the 1998 network (with full C3 connectivity and a linear output layer in
-    place of the RBF units).
+    place of the RBF units). `features_only` returns the maps `out_indices` of C1, C3 (before
+    their pools) and C5 (after their activations) instead of logits.
     """
 
     num_classes: int = 10
@@ -29,6 +31,8 @@ class LeNet5(nn.Module):
     pooling: str = "max"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    features_only: bool = False
+    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
@@ -38,13 +42,19 @@ class LeNet5(nn.Module):
         pool = {"max": MaxPool, "avg": AvgPool}[self.pooling]
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
                                          name=name)
+        stages = StageMaps(self.features_only, self.out_indices)
         x = x.astype(self.dtype)
         for name, width in (("c1", 6), ("c3", 16)):
             x = act(nn.Conv(width, (5, 5), padding=0, dtype=self.dtype,
                             param_dtype=self.param_dtype, name=name)(x))
+            if stages.add(x):
+                return stages.output()
             x = pool(2, name={"c1": "s2", "c3": "s4"}[name])(x)
         x = act(nn.Conv(120, (5, 5), padding=0, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="c5")(x))
+        if self.features_only:
+            stages.add(x)
+            return stages.output()
         x = act(dense(84, "f6")(Flatten(name="flatten")(x)))
         if not self.num_classes:
             return x.astype(jnp.float32)
@@ -53,4 +63,6 @@ class LeNet5(nn.Module):
 
 register_model("lenet5", LeNet5, family="lenet", input_size=(32, 32, 1), num_classes=10,
                min_size=32, mean=(0.5,), std=(0.5,),
+               feature_info=(FeatureInfo("c1", 6, 1), FeatureInfo("c3", 16, 2),
+                             FeatureInfo("c5", 120, 4)),
                paper="LeCun et al. 1998, Gradient-based learning applied to document recognition")

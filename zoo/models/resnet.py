@@ -18,8 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zoo.features import StageMaps
 from zoo.layers import Conv, GlobalAvgPool, MaxPool, check_input, train_mode
-from zoo.registry import TorchConversion, register_model
+from zoo.registry import FeatureInfo, TorchConversion, register_model
 
 _HE = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's conv init
 
@@ -108,6 +109,7 @@ class ResNet(nn.Module):
     `stem="imagenet"` is conv 7x7/2 + BN + ReLU + max pool 3x3/2; `stem="cifar"` a 3x3 conv +
     BN + ReLU at full resolution. `widths` are the stages' `features` (the stem has widths[0]).
     `arch` and `min_size` are the registry name and smallest input, for the input check.
+    `features_only` returns the stage maps `out_indices` of `resnet_stages` instead of logits.
     """
 
     num_classes: int = 1000
@@ -125,11 +127,14 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     axis_name: str | None = None
+    features_only: bool = False
+    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         check_input(x, self.arch, self.in_channels, self.min_size)
         train = train_mode(self, train)
+        stages = StageMaps(self.features_only, self.out_indices)
         x = x.astype(self.dtype)
         k, s = (3, 1) if self.stem == "cifar" else (7, 2)
         x = Conv(self.widths[0], (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype,
@@ -139,6 +144,8 @@ class ResNet(nn.Module):
                          axis_name=self.axis_name, name="bn1")(x)
         x = nn.relu(x)
         if self.stem != "cifar":
+            if stages.add(x):
+                return stages.output()
             x = MaxPool(3, 2, padding=1, name="maxpool")(x)
         block = partial(self.block, groups=self.groups, base_width=self.width_per_group,
                         shortcut=self.shortcut, zero_init_residual=self.zero_init_residual,
@@ -147,6 +154,10 @@ class ResNet(nn.Module):
             for j in range(n):
                 x = block(features, strides=2 if i and not j else 1,
                           name=f"layer{i + 1}_{j}")(x, train)
+            if stages.add(x):
+                return stages.output()
+        if self.features_only:
+            return stages.output()
         x = GlobalAvgPool(name="avgpool")(x)
         if not self.num_classes:
             return x.astype(jnp.float32)
@@ -156,6 +167,17 @@ class ResNet(nn.Module):
                      bias_init=lambda key, shape, dtype: jax.random.uniform(
                          key, shape, dtype, -bound, bound), name="fc")(x)
         return x.astype(jnp.float32)
+
+
+def resnet_stages(block: type[_Block], stage_sizes: tuple[int, ...], widths: tuple[int, ...],
+                  stem: str = "imagenet") -> tuple[FeatureInfo, ...]:
+    """The stage maps of a ResNet: the stem after its ReLU (timm's act1; the ImageNet stem
+    only, as the CIFAR stem keeps the input's resolution), then each layer's last block."""
+    first = 1 if stem == "cifar" else 4
+    head = () if stem == "cifar" else (FeatureInfo("bn1", widths[0], 2, "relu"),)
+    return head + tuple(
+        FeatureInfo(f"layer{i + 1}_{n - 1}", w * block.expansion, first * 2 ** i, f"layer{i + 1}")
+        for i, (n, w) in enumerate(zip(stage_sizes, widths)))
 
 
 _HE_2016 = "He et al. 2016, Deep residual learning for image recognition"
@@ -177,14 +199,16 @@ for _name, (_block, _sizes, _wpg, _groups, _paper) in _TORCHVISION.items():
                    family="resnet", input_size=(224, 224, 3), num_classes=1000, min_size=32,
                    resize_size=256, crop_size=224, paper=_paper,
                    paper_top5_error=3.57 if _paper == _HE_2016 else None,
-                   torchvision_name=_name, conversion=TorchConversion("fc"), timm_name=_name)
+                   torchvision_name=_name, conversion=TorchConversion("fc"), timm_name=_name,
+                   feature_info=resnet_stages(_block, _sizes, (64, 128, 256, 512)))
 
 # He et al. 2016 §4.2: 6n + 2 layers, n BasicBlocks per stage at 16/32/64 channels, option A.
 for _depth in (20, 32, 44, 56, 110):
     _name = f"resnet{_depth}"
-    register_model(_name, partial(ResNet, stage_sizes=((_depth - 2) // 6,) * 3,
-                                  widths=(16, 32, 64), stem="cifar", shortcut="A", arch=_name,
-                                  min_size=8),
+    _sizes = ((_depth - 2) // 6,) * 3
+    register_model(_name, partial(ResNet, stage_sizes=_sizes, widths=(16, 32, 64), stem="cifar",
+                                  shortcut="A", arch=_name, min_size=8),
+                   feature_info=resnet_stages(BasicBlock, _sizes, (16, 32, 64), "cifar"),
                    family="resnet", input_size=(32, 32, 3), num_classes=10, min_size=8,
                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
                    paper=f"{_HE_2016}, §4.2 (CIFAR-10)")

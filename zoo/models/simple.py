@@ -8,8 +8,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from zoo.features import StageMaps
 from zoo.layers import Flatten, GlobalAvgPool, MaxPool, check_input, train_mode
-from zoo.registry import register_model
+from zoo.registry import FeatureInfo, register_model
 
 _MNIST = dict(mean=(0.5,), std=(0.5,), min_size=28)
 
@@ -18,23 +19,31 @@ class SimpleCNN(nn.Module):
     """Conv32 -> pool -> conv64 -> pool -> conv64 -> pool -> dense64 -> dense10 (93,322 params).
 
     The notes' Keras model, layer for layer: 3x3 'same' convs with ReLU, 2x2 max pools
-    (28 -> 14 -> 7 -> 3), flatten to 576, then two dense layers.
+    (28 -> 14 -> 7 -> 3), flatten to 576, then two dense layers. `features_only` returns the
+    maps `out_indices` of the three convs (after their ReLU, before their pool) instead.
     """
 
     num_classes: int = 10
     in_channels: int = 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    features_only: bool = False
+    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         check_input(x, "simple_cnn", self.in_channels, 28)
         train = train_mode(self, train)
+        stages = StageMaps(self.features_only, self.out_indices)
         x = x.astype(self.dtype)
         for i, width in enumerate((32, 64, 64), start=1):
             x = nn.relu(nn.Conv(width, (3, 3), padding=1, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name=f"conv{i}")(x))
+            if stages.add(x):
+                return stages.output()
             x = MaxPool(2, name=f"pool{i}")(x)
+        if self.features_only:
+            return stages.output()
         x = Flatten(name="flatten")(x)
         x = nn.relu(nn.Dense(64, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x))
         if not self.num_classes:
@@ -60,21 +69,31 @@ class StridedConvBlock(nn.Module):
 
 
 class StridedCNN(nn.Module):
-    """Five StridedConvBlocks (32..512 channels; 28 -> 1) and a 512 -> 200 -> classes classifier."""
+    """Five StridedConvBlocks (32..512 channels; 28 -> 1) and a 512 -> 200 -> classes classifier.
+
+    `features_only` returns the blocks' outputs `out_indices` (strides 2 ... 32) instead.
+    """
 
     num_classes: int = 10
     in_channels: int = 1
     widths: tuple[int, ...] = (32, 64, 128, 256, 512)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    features_only: bool = False
+    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         check_input(x, "strided_cnn", self.in_channels, 2 ** (len(self.widths) - 1))
         train = train_mode(self, train)
+        stages = StageMaps(self.features_only, self.out_indices)
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
             x = StridedConvBlock(width, self.dtype, self.param_dtype, name=f"cnn_encoder_{i}")(x)
+            if stages.add(x):
+                return stages.output()
+        if self.features_only:
+            return stages.output()
         x = GlobalAvgPool(name="pool")(x)  # 1x1 at 28x28; any larger input works too
         x = nn.relu(nn.Dense(200, dtype=self.dtype, param_dtype=self.param_dtype,
                              name="classifier_0")(x))
@@ -86,6 +105,10 @@ class StridedCNN(nn.Module):
 
 
 register_model("simple_cnn", SimpleCNN, family="simple", input_size=(28, 28, 1), num_classes=10,
-               paper="Keras MNIST CNN of the source notes (002)", **_MNIST)
+               paper="Keras MNIST CNN of the source notes (002)",
+               feature_info=(FeatureInfo("conv1", 32, 1), FeatureInfo("conv2", 64, 2),
+                             FeatureInfo("conv3", 64, 4)), **_MNIST)
 register_model("strided_cnn", StridedCNN, family="simple", input_size=(28, 28, 1),
-               num_classes=10, paper="PyTorch CNN encoder of the source notes (000)", **_MNIST)
+               num_classes=10, paper="PyTorch CNN encoder of the source notes (000)",
+               feature_info=tuple(FeatureInfo(f"cnn_encoder_{i}", w, 2 ** (i + 1))
+                                  for i, w in enumerate(StridedCNN.widths)), **_MNIST)

@@ -15,8 +15,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from zoo.features import StageMaps
 from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input, train_mode
-from zoo.registry import TorchConversion, register_model
+from zoo.registry import FeatureInfo, TorchConversion, register_model
 
 # Table 1 of the paper, one column each: a number is a 3x3 conv (pad 1) + ReLU with that many
 # filters, (n, 1) a 1x1 conv (C's conv1-n), "M" a 2x2/2 max pool, "LRN" A-LRN's normalisation.
@@ -33,13 +34,43 @@ CFGS: dict[str, tuple] = {
 }
 
 
+def _sequence(cfg: tuple, batch_norm: bool):
+    """(index, op) of torch's `features` nn.Sequential for a column: a conv is (width, kernel),
+    then "BN" (with batch_norm) and "ReLU"; "M" and "LRN" as in the column."""
+    i = 0
+    for v in cfg:
+        if v in ("M", "LRN"):
+            ops = (v,)
+        else:
+            ops = (v if isinstance(v, tuple) else (v, 3), *(("BN",) if batch_norm else ()), "ReLU")
+        for op in ops:
+            yield i, op
+            i += 1
+
+
+def vgg_stages(cfg: tuple, batch_norm: bool) -> tuple[FeatureInfo, ...]:
+    """The stage maps of a VGG: the map right before each max pool (after its ReLU, or A-LRN's
+    LRN), named by the last module before it with variables or an op of its own."""
+    stages, channels, last, reduction = [], 0, "", 1
+    for i, op in _sequence(cfg, batch_norm):
+        if op == "M":
+            stages.append(FeatureInfo(last, channels, reduction, f"features.{i - 1}"))
+            reduction *= 2
+        elif op in ("BN", "LRN"):
+            last = f"features_{i}"
+        elif op != "ReLU":
+            channels, last = op[0], f"features_{i}"
+    return tuple(stages)
+
+
 class VGG(nn.Module):
     """Conv [BN] ReLU stacks from `cfg`, then FC 4096, dropout, FC 4096, dropout, FC classes.
 
     `adaptive_pool=False` is the paper's head: the input must give a 7x7 map (224x224).
     `arch` and `min_size` are the registry name and smallest input, for the input check.
     Initialisation is torchvision's (He fan-out convs, N(0, 0.01) dense), so the deep
-    variants without BatchNorm train from scratch.
+    variants without BatchNorm train from scratch. `features_only` returns the stage maps
+    `out_indices` of `vgg_stages` instead of logits.
     """
 
     num_classes: int = 1000
@@ -52,33 +83,37 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     axis_name: str | None = None
+    features_only: bool = False
+    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
         check_input(x, self.arch, self.in_channels, self.min_size)
         train = train_mode(self, train)
         x = x.astype(self.dtype)
-        i = 0  # index in torch's nn.Sequential: conv, BN, ReLU, pool and LRN take one each
-        for v in self.cfg:
+        stages = StageMaps(self.features_only, self.out_indices)
+        for i, op in _sequence(self.cfg, self.batch_norm):
             name = f"features_{i}"
-            if v == "M":
+            if op == "M":
+                if stages.add(x):
+                    return stages.output()
                 x = MaxPool(2, 2, name=name)(x)
-            elif v == "LRN":
+            elif op == "LRN":
                 x = LocalResponseNorm(name=name)(x)
+            elif op == "BN":
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                 dtype=self.dtype, param_dtype=self.param_dtype,
+                                 axis_name=self.axis_name, name=name)(x)
+            elif op == "ReLU":
+                x = nn.relu(x)
             else:
-                width, k = v if isinstance(v, tuple) else (v, 3)
+                width, k = op
                 x = Conv(width, (k, k), padding=k // 2, dtype=self.dtype,
                          param_dtype=self.param_dtype, name=name,
                          kernel_init=nn.initializers.variance_scaling(2.0, "fan_out",
                                                                       "normal"))(x)
-                if self.batch_norm:
-                    i += 1
-                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                     dtype=self.dtype, param_dtype=self.param_dtype,
-                                     axis_name=self.axis_name, name=f"features_{i}")(x)
-                x = nn.relu(x)
-                i += 1
-            i += 1
+        if self.features_only:
+            return stages.output()
         if self.adaptive_pool:
             x = AdaptiveAvgPool(7, name="avgpool")(x)
         elif x.shape[1:3] != (7, 7):
@@ -108,8 +143,10 @@ _TORCHVISION = {  # name: (column, batch norm)
 _CONVERSION = TorchConversion("classifier.6", (("classifier.0", (512, 7, 7)),))
 for _name, (_col, _bn) in _TORCHVISION.items():
     register_model(_name, partial(VGG, cfg=CFGS[_col], batch_norm=_bn, arch=_name), min_size=32,
-                   torchvision_name=_name, conversion=_CONVERSION, **_INFO)
+                   torchvision_name=_name, conversion=_CONVERSION,
+                   feature_info=vgg_stages(CFGS[_col], _bn), **_INFO)
 for _col in CFGS:
     _name = "vgg_" + _col.lower().replace("-", "_")
     register_model(_name, partial(VGG, cfg=CFGS[_col], adaptive_pool=False, arch=_name,
-                                  min_size=224), min_size=224, **_INFO)
+                                  min_size=224), min_size=224,
+                   feature_info=vgg_stages(CFGS[_col], False), **_INFO)
