@@ -9,14 +9,12 @@ whose FC6 takes the 6x6x256 map directly.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.features import StageMaps
-from zoo.layers import (AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input,
-                        train_mode)
+from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool
+from zoo.models import ZooModel
 from zoo.registry import FeatureInfo, TorchConversion, register_model
 
 # A tuple is a conv (filters, kernel, stride, padding) followed by a ReLU; "M" is the
@@ -48,7 +46,7 @@ def alexnet_stages(cfg: tuple) -> tuple[FeatureInfo, ...]:
     return tuple(stages)
 
 
-class AlexNet(nn.Module):
+class AlexNet(ZooModel):
     """Conv features from `cfg`, then dropout, FC 4096, dropout, FC 4096, FC classes (ReLUs).
 
     `adaptive_pool=False` is the paper's head: the input must give a 6x6 map (227x227).
@@ -56,23 +54,15 @@ class AlexNet(nn.Module):
     `features_only` returns the stage maps `out_indices` of `alexnet_stages` instead of logits.
     """
 
-    num_classes: int = 1000
-    in_channels: int = 3
     cfg: tuple = TORCHVISION
     adaptive_pool: bool = True
     arch: str = "alexnet"
     min_size: int = 63
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    features_only: bool = False
-    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        check_input(x, self.arch, self.in_channels, self.min_size)
-        train = train_mode(self, train)
+        train, stages = self.start(x, train, self.arch, self.min_size)
         x = x.astype(self.dtype)
-        stages = StageMaps(self.features_only, self.out_indices)
         for i, layer in _sequence(self.cfg):
             name = f"features_{i}"
             if layer == "M":

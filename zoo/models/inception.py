@@ -16,8 +16,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.features import StageMaps
-from zoo.layers import AdaptiveAvgPool, AvgPool, Conv, Flatten, MaxPool, check_input, train_mode
+from zoo.layers import AdaptiveAvgPool, AvgPool, Conv, Flatten, MaxPool
+from zoo.models import ZooModel
 from zoo.registry import (IMAGENET_MEAN, IMAGENET_STD, FeatureInfo, TorchConversion,
                           register_model)
 
@@ -131,7 +131,7 @@ GOOGLENET_STAGES = tuple(FeatureInfo(n, c, r, n) for n, c, r in (
     ("inception5b", 1024, 32)))
 
 
-class GoogLeNet(nn.Module):
+class GoogLeNet(ZooModel):
     """torchvision's GoogLeNet: stem, nine Inception modules, global average pool, dropout, FC.
 
     `aux_logits` adds the two auxiliary classifiers (after 4a and 4d; used in training only);
@@ -140,25 +140,16 @@ class GoogLeNet(nn.Module):
     `features_only` returns the maps `out_indices` of GOOGLENET_STAGES instead of logits.
     """
 
-    num_classes: int = 1000
-    in_channels: int = 3
     aux_logits: bool = True
     transform_input: bool = False
     branch3_kernel: int = 3
     dropout: float = 0.2
     dropout_aux: float = 0.7
     bn_epsilon: float = 1e-3
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    axis_name: str | None = None
-    features_only: bool = False
-    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        check_input(x, "googlenet", self.in_channels, 15)
-        train = train_mode(self, train)
-        stages = StageMaps(self.features_only, self.out_indices)
+        train, stages = self.start(x, train, "googlenet", 15)
         x = (_transform_input(x) if self.transform_input else x).astype(self.dtype)
         conv = partial(BasicConv2d, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, axis_name=self.axis_name)
@@ -304,30 +295,21 @@ class InceptionV3Aux(nn.Module):
                         name="fc")(x).astype(jnp.float32)
 
 
-class Inception3(nn.Module):
+class Inception3(ZooModel):
     """torchvision's Inception v3: stem, Mixed_5b ... Mixed_7c, global average pool, dropout, FC.
 
     `aux_logits` adds the auxiliary classifier after Mixed_6e (training only); `transform_input`
     as in GoogLeNet. `features_only` returns the maps `out_indices` of INCEPTION_V3_STAGES.
     """
 
-    num_classes: int = 1000
-    in_channels: int = 3
     aux_logits: bool = True
     transform_input: bool = False
     dropout: float = 0.5
     bn_epsilon: float = 1e-3
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    axis_name: str | None = None
-    features_only: bool = False
-    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        check_input(x, "inception_v3", self.in_channels, 75)
-        train = train_mode(self, train)
-        stages = StageMaps(self.features_only, self.out_indices)
+        train, stages = self.start(x, train, "inception_v3", 75)
         x = (_transform_input(x) if self.transform_input else x).astype(self.dtype)
         conv = partial(BasicConv2d, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, axis_name=self.axis_name)

@@ -6,17 +6,16 @@ the digits sit centred in a 32x32 field), so the model itself has no padding.
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.features import StageMaps
-from zoo.layers import AvgPool, Flatten, MaxPool, check_input, train_mode
+from zoo.layers import AvgPool, Flatten, MaxPool
+from zoo.models import ZooModel
 from zoo.registry import FeatureInfo, register_model
 
 
-class LeNet5(nn.Module):
+class LeNet5(ZooModel):
     """C1 6@5x5 -> S2 -> C3 16@5x5 -> S4 -> C5 120@5x5 -> F6 84 -> classes (61,706 params).
 
     `activation="relu", pooling="max"` is the modern default; `activation="tanh",
@@ -29,20 +28,14 @@ class LeNet5(nn.Module):
     in_channels: int = 1
     activation: str = "relu"
     pooling: str = "max"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    features_only: bool = False
-    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        check_input(x, "lenet5", self.in_channels, 32)
-        train = train_mode(self, train)
+        train, stages = self.start(x, train, "lenet5", 32)
         act = {"relu": nn.relu, "tanh": jnp.tanh}[self.activation]
         pool = {"max": MaxPool, "avg": AvgPool}[self.pooling]
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
                                          name=name)
-        stages = StageMaps(self.features_only, self.out_indices)
         x = x.astype(self.dtype)
         for name, width in (("c1", 6), ("c3", 16)):
             x = act(nn.Conv(width, (5, 5), padding=0, dtype=self.dtype,

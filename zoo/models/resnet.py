@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.features import StageMaps
-from zoo.layers import Conv, GlobalAvgPool, MaxPool, check_input, train_mode
+from zoo.layers import Conv, GlobalAvgPool, MaxPool
+from zoo.models import ZooModel
 from zoo.registry import FeatureInfo, TorchConversion, register_model
 
 _HE = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's conv init
@@ -102,7 +102,7 @@ class Bottleneck(_Block):
         return self.residual(x, y, train)
 
 
-class ResNet(nn.Module):
+class ResNet(ZooModel):
     """Stem, stages of residual blocks (stride 2 at the start of every stage but the first),
     global average pool, FC.
 
@@ -112,8 +112,6 @@ class ResNet(nn.Module):
     `features_only` returns the stage maps `out_indices` of `resnet_stages` instead of logits.
     """
 
-    num_classes: int = 1000
-    in_channels: int = 3
     block: type[_Block] = BasicBlock
     stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
     widths: tuple[int, ...] = (64, 128, 256, 512)
@@ -124,17 +122,10 @@ class ResNet(nn.Module):
     zero_init_residual: bool = False
     arch: str = "resnet18"
     min_size: int = 32
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    axis_name: str | None = None
-    features_only: bool = False
-    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        check_input(x, self.arch, self.in_channels, self.min_size)
-        train = train_mode(self, train)
-        stages = StageMaps(self.features_only, self.out_indices)
+        train, stages = self.start(x, train, self.arch, self.min_size)
         x = x.astype(self.dtype)
         k, s = (3, 1) if self.stem == "cifar" else (7, 2)
         x = Conv(self.widths[0], (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype,

@@ -8,14 +8,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.features import StageMaps
-from zoo.layers import Flatten, GlobalAvgPool, MaxPool, check_input, train_mode
+from zoo.layers import Flatten, GlobalAvgPool, MaxPool
+from zoo.models import ZooModel
 from zoo.registry import FeatureInfo, register_model
 
 _MNIST = dict(mean=(0.5,), std=(0.5,), min_size=28)
 
 
-class SimpleCNN(nn.Module):
+class SimpleCNN(ZooModel):
     """Conv32 -> pool -> conv64 -> pool -> conv64 -> pool -> dense64 -> dense10 (93,322 params).
 
     The notes' Keras model, layer for layer: 3x3 'same' convs with ReLU, 2x2 max pools
@@ -25,16 +25,10 @@ class SimpleCNN(nn.Module):
 
     num_classes: int = 10
     in_channels: int = 1
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    features_only: bool = False
-    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        check_input(x, "simple_cnn", self.in_channels, 28)
-        train = train_mode(self, train)
-        stages = StageMaps(self.features_only, self.out_indices)
+        train, stages = self.start(x, train, "simple_cnn", 28)
         x = x.astype(self.dtype)
         for i, width in enumerate((32, 64, 64), start=1):
             x = nn.relu(nn.Conv(width, (3, 3), padding=1, dtype=self.dtype,
@@ -68,7 +62,7 @@ class StridedConvBlock(nn.Module):
         return nn.relu(conv(2, "conv2")(x))
 
 
-class StridedCNN(nn.Module):
+class StridedCNN(ZooModel):
     """Five StridedConvBlocks (32..512 channels; 28 -> 1) and a 512 -> 200 -> classes classifier.
 
     `features_only` returns the blocks' outputs `out_indices` (strides 2 ... 32) instead.
@@ -77,16 +71,10 @@ class StridedCNN(nn.Module):
     num_classes: int = 10
     in_channels: int = 1
     widths: tuple[int, ...] = (32, 64, 128, 256, 512)
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    features_only: bool = False
-    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        check_input(x, "strided_cnn", self.in_channels, 2 ** (len(self.widths) - 1))
-        train = train_mode(self, train)
-        stages = StageMaps(self.features_only, self.out_indices)
+        train, stages = self.start(x, train, "strided_cnn", 2 ** (len(self.widths) - 1))
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
             x = StridedConvBlock(width, self.dtype, self.param_dtype, name=f"cnn_encoder_{i}")(x)

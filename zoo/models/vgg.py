@@ -10,13 +10,12 @@ weights load into `vgg_a`. Flax names are the indices of torch's `nn.Sequential`
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.features import StageMaps
-from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool, check_input, train_mode
+from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool
+from zoo.models import ZooModel
 from zoo.registry import FeatureInfo, TorchConversion, register_model
 
 # Table 1 of the paper, one column each: a number is a 3x3 conv (pad 1) + ReLU with that many
@@ -63,7 +62,7 @@ def vgg_stages(cfg: tuple, batch_norm: bool) -> tuple[FeatureInfo, ...]:
     return tuple(stages)
 
 
-class VGG(nn.Module):
+class VGG(ZooModel):
     """Conv [BN] ReLU stacks from `cfg`, then FC 4096, dropout, FC 4096, dropout, FC classes.
 
     `adaptive_pool=False` is the paper's head: the input must give a 7x7 map (224x224).
@@ -73,25 +72,16 @@ class VGG(nn.Module):
     `out_indices` of `vgg_stages` instead of logits.
     """
 
-    num_classes: int = 1000
-    in_channels: int = 3
     cfg: tuple = CFGS["A"]
     batch_norm: bool = False
     adaptive_pool: bool = True
     arch: str = "vgg11"
     min_size: int = 32
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    axis_name: str | None = None
-    features_only: bool = False
-    out_indices: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        check_input(x, self.arch, self.in_channels, self.min_size)
-        train = train_mode(self, train)
+        train, stages = self.start(x, train, self.arch, self.min_size)
         x = x.astype(self.dtype)
-        stages = StageMaps(self.features_only, self.out_indices)
         for i, op in _sequence(self.cfg, self.batch_norm):
             name = f"features_{i}"
             if op == "M":
