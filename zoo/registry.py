@@ -62,6 +62,9 @@ class ModelInfo:
       torchvision_name: the torchvision builder with the same architecture, if any.
       conversion: how its torchvision weights convert (set with torchvision_name).
       aux_loss_weight: weight of auxiliary classifier losses in training (GoogLeNet: 0.3).
+      head: the flax module paths ('/' between levels) of the classifier layers whose outputs
+        are the class scores, the main one first: what fine-tuning re-initialises for another
+        class count and what a linear probe trains (zoo.train.transfer).
     """
 
     name: str
@@ -79,6 +82,7 @@ class ModelInfo:
     torchvision_name: str | None = None
     conversion: TorchConversion | None = None
     aux_loss_weight: float = 0.0
+    head: tuple[str, ...] = ()
 
     @property
     def top1(self) -> float | None:

@@ -329,6 +329,7 @@ register_model("googlenet", GoogLeNet, family="inception", input_size=(224, 224,
                num_classes=1000, min_size=15, resize_size=256, crop_size=224,
                paper="Szegedy et al. 2015, Going deeper with convolutions",
                paper_top5_error=6.7, torchvision_name="googlenet", aux_loss_weight=0.3,
+               head=("fc", "aux1/fc2", "aux2/fc2"),
                conversion=TorchConversion(
                    "fc", (("aux1.fc1", (128, 4, 4)), ("aux2.fc1", (128, 4, 4))),
                    aux_prefixes=("aux1.", "aux2."), transform_input=True, bn_epsilon=1e-3))
@@ -336,6 +337,6 @@ register_model("inception_v3", Inception3, family="inception", input_size=(299, 
                num_classes=1000, min_size=75, resize_size=342, crop_size=299,
                paper="Szegedy et al. 2016, Rethinking the Inception architecture for computer "
                      "vision",
-               torchvision_name="inception_v3", aux_loss_weight=0.4,
+               torchvision_name="inception_v3", aux_loss_weight=0.4, head=("fc", "AuxLogits/fc"),
                conversion=TorchConversion("fc", aux_prefixes=("AuxLogits.",),
                                           transform_input=True, bn_epsilon=1e-3))

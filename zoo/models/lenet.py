@@ -52,5 +52,5 @@ class LeNet5(nn.Module):
 
 
 register_model("lenet5", LeNet5, family="lenet", input_size=(32, 32, 1), num_classes=10,
-               min_size=32, mean=(0.5,), std=(0.5,),
+               min_size=32, mean=(0.5,), std=(0.5,), head=("output",),
                paper="LeCun et al. 1998, Gradient-based learning applied to document recognition")

@@ -177,7 +177,7 @@ for _name, (_block, _sizes, _wpg, _groups, _paper) in _TORCHVISION.items():
                    family="resnet", input_size=(224, 224, 3), num_classes=1000, min_size=32,
                    resize_size=256, crop_size=224, paper=_paper,
                    paper_top5_error=3.57 if _paper == _HE_2016 else None,
-                   torchvision_name=_name, conversion=TorchConversion("fc"))
+                   torchvision_name=_name, conversion=TorchConversion("fc"), head=("fc",))
 
 # He et al. 2016 §4.2: 6n + 2 layers, n BasicBlocks per stage at 16/32/64 channels, option A.
 for _depth in (20, 32, 44, 56, 110):
@@ -187,4 +187,4 @@ for _depth in (20, 32, 44, 56, 110):
                                   min_size=8),
                    family="resnet", input_size=(32, 32, 3), num_classes=10, min_size=8,
                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-                   paper=f"{_HE_2016}, §4.2 (CIFAR-10)")
+                   paper=f"{_HE_2016}, §4.2 (CIFAR-10)", head=("fc",))

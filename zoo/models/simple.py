@@ -86,6 +86,7 @@ class StridedCNN(nn.Module):
 
 
 register_model("simple_cnn", SimpleCNN, family="simple", input_size=(28, 28, 1), num_classes=10,
-               paper="Keras MNIST CNN of the source notes (002)", **_MNIST)
+               paper="Keras MNIST CNN of the source notes (002)", head=("fc2",), **_MNIST)
 register_model("strided_cnn", StridedCNN, family="simple", input_size=(28, 28, 1),
-               num_classes=10, paper="PyTorch CNN encoder of the source notes (000)", **_MNIST)
+               num_classes=10, paper="PyTorch CNN encoder of the source notes (000)",
+               head=("classifier_2",), **_MNIST)
