@@ -45,7 +45,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="mnist, fashion_mnist, cifar10, cifar100, imagenet2012, image_folder:PATH")
     p.add_argument("--workdir", help="default: runs/MODEL_DATASET")
     p.add_argument("--data-dir", help="TFDS data directory")
-    g = p.add_argument_group("recipe (defaults: --recipe, else MODEL_DATASET, else Adam 1e-3)")
+    g = p.add_argument_group("recipe (defaults: --recipe, else finetune with --init-from, else "
+                             "MODEL_DATASET, else Adam 1e-3)")
     g.add_argument("--recipe", help="a named recipe from zoo.training.RECIPES")
     g.add_argument("--epochs", type=float)
     g.add_argument("--steps", type=int, help="total steps (overrides --epochs)")
@@ -59,6 +60,20 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="the dataset's training augmentation (default: the recipe's)")
+    g.add_argument("--freeze", help="none; bn: BatchNorm layers use and keep their running statistics, their "
+                        "scale/bias not updated; backbone: train the classifier head alone "
+                        "(a linear probe, BatchNorm frozen too)")
+    g.add_argument("--backbone-lr-scale", type=float,
+                   help="learning-rate factor of the parameters outside the classifier head")
+    f = p.add_argument_group("fine-tuning")
+    f.add_argument("--init-from", metavar="SOURCE",
+                   help="start a fresh workdir from these weights: a shipped checkpoint name, "
+                        "an exported/converted model or train.py workdir, or a torchvision "
+                        ".pth/.safetensors file; the head is re-initialised when the class "
+                        "count differs (a resumed run continues from its own checkpoint)")
+    f.add_argument("--val-fraction", type=float,
+                   help="image_folder without val/: hold out this share of each class for "
+                        "evaluation (a deterministic split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype; parameters and the loss stay float32")
@@ -91,14 +106,16 @@ def config_from_args(args):
     """The TrainConfig of the flags: a recipe, with any recipe flag overriding its field."""
     from zoo import training
 
-    name = args.recipe or training.default_recipe_name(args.model, args.dataset)
+    name = args.recipe or ("finetune" if args.init_from else
+                           training.default_recipe_name(args.model, args.dataset))
     if name is not None and name not in training.RECIPES:
         raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(training.RECIPES)}")
     recipe = training.RECIPES[name] if name else training.Recipe()
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                  "optimizer": args.optimizer, "schedule": args.schedule,
                  "warmup_epochs": args.warmup_epochs, "weight_decay": args.weight_decay,
-                 "label_smoothing": args.label_smoothing, "augment": args.augment}
+                 "label_smoothing": args.label_smoothing, "augment": args.augment,
+                 "freeze": args.freeze, "backbone_lr_scale": args.backbone_lr_scale}
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     return training.TrainConfig(
         model=args.model, dataset=args.dataset,
@@ -109,7 +126,8 @@ def config_from_args(args):
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         max_to_keep=args.max_to_keep, allow_fallback=args.allow_fallback,
         progress=not args.no_progress, export=args.export,
-        skip_bad_images=args.skip_bad_images)
+        skip_bad_images=args.skip_bad_images, val_fraction=args.val_fraction,
+        init_from=args.init_from)
 
 
 def main(argv=None) -> int:

@@ -159,7 +159,7 @@ FAKE_DATA = textwrap.dedent("""
     IMAGES = (_rng.normal(0, 0.3, (N, 28, 28, 1)) + LABELS[:, None, None, None] / 5).astype(
         np.float32)
 
-    def dataset_info(name, data_dir=None, skip_bad_images=False):
+    def dataset_info(name, data_dir=None, skip_bad_images=False, val_fraction=None):
         return types.SimpleNamespace(name=name, num_classes=10, image_shape=(28, 28, 1),
                                      splits={"train": N, "test": N}, eval_split="test")
 

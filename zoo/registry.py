@@ -84,6 +84,9 @@ class ModelInfo:
       timm_name: timm's model of the same architecture and state_dict layout, if any.
       aux_loss_weight: weight of auxiliary classifier losses in training (GoogLeNet: 0.3).
       feature_info: the stage maps `create_model(name, features_only=True)` returns, in order.
+      head: the flax module paths ('/' between levels) of the classifier layers whose outputs
+        are the class scores, the main one first: what fine-tuning re-initialises for another
+        class count and what a linear probe trains (zoo.train.transfer).
     """
 
     name: str
@@ -103,6 +106,7 @@ class ModelInfo:
     timm_name: str | None = None
     aux_loss_weight: float = 0.0
     feature_info: tuple[FeatureInfo, ...] = ()
+    head: tuple[str, ...] = ()
 
     @property
     def top1(self) -> float | None:

@@ -1,5 +1,10 @@
 """TFDS input pipelines: MNIST, Fashion-MNIST, CIFAR-10/100, ImageNet and image folders.
 
+An image folder is `ROOT/<class>/<images>`, or `ROOT/train/<class>/...` with an optional
+`ROOT/val/<class>/...`; without a val/ folder, `val_fraction` holds out a deterministic part of
+each class as the 'val' split (`_held_out`), and without that the one set of files serves every
+split.
+
 One entry point, `make_dataset`, serves training and evaluation for every dataset. The model
 decides size, normalisation and interpolation (its ModelInfo), the dataset decides augmentation.
 Batches are numpy dicts {'image': float32 NHWC, 'label': int32, 'mask': bool}, each process
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import re
@@ -54,6 +60,7 @@ class DatasetSpec:
     data_dir: str
     kind: str  # 'small' (decoded in memory), 'imagenet' (JPEG bytes) or 'folder'
     skip_bad_images: bool = False  # an image folder's unreadable files are left out
+    val_fraction: float | None = None  # of each class of a folder without val/, held out
 
 
 SMALL_DATASETS = {"mnist": (10, (28, 28, 1)), "fashion_mnist": (10, (28, 28, 1)),
@@ -67,18 +74,20 @@ def data_dir_of(data_dir: str | None) -> str:
                               or "~/tensorflow_datasets")
 
 
-def dataset_info(name: str, data_dir: str | None = None, skip_bad_images: bool = False
-                 ) -> DatasetSpec:
+def dataset_info(name: str, data_dir: str | None = None, skip_bad_images: bool = False,
+                 val_fraction: float | None = None) -> DatasetSpec:
     """Classes, native image shape and split sizes of a supported dataset.
 
     An image folder's files are checked here (see `_folder_files`): without `skip_bad_images`,
-    one that is not an image raises DatasetCorruptError before anything is trained.
+    one that is not an image raises DatasetCorruptError before anything is trained. Its splits
+    are 'train' and 'val' (a val/ folder or `val_fraction`), else one 'test' set of all files.
     """
     data_dir = data_dir_of(data_dir)
     if name.startswith("image_folder:"):
-        classes, files = _folder_files(name.split(":", 1)[1], skip_bad_images)
-        return DatasetSpec(name, len(classes), None, {"test": len(files)}, "test", data_dir,
-                           "folder", skip_bad_images)
+        classes, splits = _folder_splits(name.split(":", 1)[1], skip_bad_images, val_fraction)
+        return DatasetSpec(name, len(classes), None, {k: len(v) for k, v in splits.items()},
+                           "val" if "val" in splits else "test", data_dir, "folder",
+                           skip_bad_images, val_fraction)
     if name not in SMALL_DATASETS and name != "imagenet2012":
         raise ValueError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS)}")
     info = tfds.builder(name, data_dir=data_dir).info
@@ -87,6 +96,46 @@ def dataset_info(name: str, data_dir: str | None = None, skip_bad_images: bool =
         return DatasetSpec(name, 1000, None, splits, "validation", data_dir, "imagenet")
     classes, shape = SMALL_DATASETS[name]
     return DatasetSpec(name, classes, shape, splits, "test", data_dir, "small")
+
+
+def _folder_splits(root: str, skip_bad_images: bool = False, val_fraction: float | None = None
+                   ) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """Classes and {split: (path, label) files} of an image folder (see the module's doc)."""
+    base = Path(root, "train")
+    if not base.is_dir():
+        classes, files = _folder_files(root, skip_bad_images)
+        return classes, _held_out(files, val_fraction) if val_fraction is not None else \
+            {"test": files}
+    classes, files = _folder_files(str(base), skip_bad_images)
+    if not Path(root, "val").is_dir():
+        return classes, _held_out(files, val_fraction) if val_fraction is not None else \
+            {"train": files}
+    if val_fraction is not None:
+        raise ValueError(f"image_folder:{root} has a val/ folder; --val-fraction is for folders "
+                         "without one")
+    val_classes, val = _folder_files(str(Path(root, "val")), skip_bad_images)
+    if val_classes != classes:
+        raise ValueError(f"image_folder:{root}: val/ has the classes {', '.join(val_classes)}, "
+                         f"train/ has {', '.join(classes)}; they must be the same")
+    return classes, {"train": files, "val": val}
+
+
+def _held_out(files: list[tuple[str, int]], fraction: float) -> dict[str, list]:
+    """{'train', 'val'}: of each class, round(n x fraction) files (at least one, never all)
+    are 'val', the first in the order of their names' SHA-1, so that the split is the same
+    every time and follows neither the names' order nor the directory listing's."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-fraction must be between 0 and 1, not {fraction}")
+    val = set()
+    for label in sorted({y for _, y in files}):
+        names = sorted((hashlib.sha1(Path(f).name.encode()).hexdigest(), f)
+                       for f, y in files if y == label)
+        k = min(len(names) - 1, max(1, round(len(names) * fraction)))
+        val.update(f for _, f in names[:k])
+    if not val:
+        raise ValueError(f"--val-fraction {fraction}: no class has two images to split")
+    return {"train": [x for x in files if x[0] not in val],
+            "val": [x for x in files if x[0] in val]}
 
 
 def _folder_files(root: str, skip_bad_images: bool = False
@@ -217,17 +266,32 @@ def _resize_shorter_center_crop(image, resize: int, crop: int, interpolation: st
     return image[top:top + crop, left:left + crop]
 
 
-def _random_resized_crop(jpeg, seed, size: int, interpolation: str):
-    """Inception-style crop (scale 0.08-1, ratio 3/4-4/3) decoded straight from JPEG bytes."""
-    shape = tf.image.extract_jpeg_shape(jpeg)
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+def _crop_window(shape, seed):
+    """(begin, size) of an Inception-style crop (scale 0.08-1, ratio 3/4-4/3) of `shape`."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, tf.zeros([0, 0, 4]), seed=seed, min_object_covered=0.1,
         aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
         use_image_if_no_bounding_boxes=True)
-    window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
-    image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
-    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (size, size),
-                            method=interpolation)
+    return begin, size
+
+
+def _random_resized_crop(jpeg, seed, size: tuple[int, int], interpolation: str):
+    """Inception-style crop, resized to `size`, and a random flip, decoded straight from JPEG
+    bytes."""
+    begin, crop = _crop_window(tf.image.extract_jpeg_shape(jpeg), seed)
+    image = tf.image.decode_and_crop_jpeg(jpeg, tf.stack([begin[0], begin[1], crop[0], crop[1]]),
+                                          channels=3)
+    return _resize_flip(tf.cast(image, tf.float32) / 255.0, seed, size, interpolation)
+
+
+def _random_resized_crop_image(image, seed, size: tuple[int, int], interpolation: str):
+    """`_random_resized_crop` of a decoded image."""
+    begin, crop = _crop_window(tf.shape(image), seed)
+    return _resize_flip(tf.slice(image, begin, crop), seed, size, interpolation)
+
+
+def _resize_flip(image, seed, size: tuple[int, int], interpolation: str):
+    image = tf.image.resize(image, size, method=interpolation)
     return tf.image.stateless_random_flip_left_right(image, seed=seed[::-1])
 
 
@@ -247,7 +311,7 @@ def _preprocess_fn(spec: DatasetSpec, info: ModelInfo, size: tuple[int, int, int
 
     def jpeg(image, seed):
         if train and augment:
-            image = _random_resized_crop(image, seed, h, info.interpolation)
+            image = _random_resized_crop(image, seed, (h, w), info.interpolation)
         else:
             image = tf.cast(tf.io.decode_jpeg(image, channels=3), tf.float32) / 255.0
             image = _resize_shorter_center_crop(image, resize, h, info.interpolation)
@@ -256,7 +320,12 @@ def _preprocess_fn(spec: DatasetSpec, info: ModelInfo, size: tuple[int, int, int
     def folder(path, seed):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         image = tf.cast(image, tf.float32) / 255.0
-        return _to_channels(_resize_shorter_center_crop(image, resize, h, info.interpolation), c)
+        if train and augment and c == 3:  # ImageNet's transfer augmentation
+            return _random_resized_crop_image(image, seed, (h, w), info.interpolation)
+        image = _to_channels(_resize_shorter_center_crop(image, resize, h, info.interpolation), c)
+        if train and augment:  # grey images: MNIST-like 2-pixel crops, never flipped
+            image = _crop_flip(image, seed, 2, flip=False)
+        return image
 
     fn = {"small": small, "imagenet": jpeg, "folder": folder}[spec.kind]
 
@@ -273,7 +342,14 @@ def _preprocess_fn(spec: DatasetSpec, info: ModelInfo, size: tuple[int, int, int
 def _source(spec: DatasetSpec, split: str) -> tf.data.Dataset:
     """Examples {'image', 'label'} of a split string ('test', 'train[:10%]', ...)."""
     if spec.kind == "folder":
-        _, files = _folder_files(spec.name.split(":", 1)[1], spec.skip_bad_images)
+        _, splits = _folder_splits(spec.name.split(":", 1)[1], spec.skip_bad_images,
+                                   spec.val_fraction)
+        if len(splits) == 1:  # one set of files serves every split
+            files = next(iter(splits.values()))
+        elif split in splits:
+            files = splits[split]
+        else:
+            raise ValueError(f"{spec.name} has the splits {' and '.join(splits)}, not {split!r}")
         paths, labels = zip(*files)
         return tf.data.Dataset.from_tensor_slices({"image": list(paths), "label": list(labels)})
     decoders = {"image": tfds.decode.SkipDecoding()} if spec.kind == "imagenet" else None
@@ -314,7 +390,8 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
                  train: bool, data_dir: str | None = None, seed: int = 0, start_step: int = 0,
                  augment: bool | None = None, num_examples: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 skip_bad_images: bool = False) -> Iterator[dict]:
+                 skip_bad_images: bool = False, val_fraction: float | None = None
+                 ) -> Iterator[dict]:
     """Batches of one split, preprocessed for one model.
 
     Args:
@@ -326,11 +403,13 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
       global_batch_size: examples per step over all processes.
       train: infinite, shuffled, augmented, whole batches; else one padded, masked pass.
       seed, start_step: the training order is a function of both (exact resume).
-      augment: None for the dataset's standard: on for CIFAR/ImageNet training, off for
-        MNIST-like data (random 2-pixel crops when True).
+      augment: None for the dataset's standard: on for CIFAR/ImageNet training and for image
+        folders fed as RGB (Inception-style random-resized crops and flips), off for
+        MNIST-like data and grey folders (random 2-pixel crops when True).
       num_examples: use only the first N examples of the split.
       process_index, process_count: this process's share (default: from JAX).
       skip_bad_images: leave out an image folder's unreadable files (see `_folder_files`).
+      val_fraction: an image folder's held-out share of each class (see `_held_out`).
     Yields:
       {'image': float32 (B, H, W, C), 'label': int32 (B,), 'mask': bool (B,)}, with
       B = global_batch_size // process_count.
@@ -343,10 +422,10 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
                          f"{count} processes")
     batch = global_batch_size // count
-    spec = dataset_info(name, data_dir, skip_bad_images)
+    spec = dataset_info(name, data_dir, skip_bad_images, val_fraction)
     size = tuple(image_size or info.input_size)
-    if spec.kind == "small" and augment is None:
-        augment = train and spec.image_shape[-1] == 3
+    if spec.kind in ("small", "folder") and augment is None:
+        augment = train and (spec.image_shape or size)[-1] == 3
     augment = train if augment is None else augment
     part, per_process = _process_split(spec, split, num_examples, index, count)
     base = _source(spec, part)

@@ -94,7 +94,8 @@ class AlexNet(ZooModel):
         return dense(self.num_classes, "classifier_6")(x).astype(jnp.float32)
 
 
-_INFO = dict(family="alexnet", num_classes=1000, resize_size=256, paper_top5_error=15.3)
+_INFO = dict(family="alexnet", num_classes=1000, resize_size=256, paper_top5_error=15.3,
+             head=("classifier_6",))
 register_model("alexnet", AlexNet, input_size=(224, 224, 3), min_size=63, crop_size=224,
                torchvision_name="alexnet", feature_info=alexnet_stages(TORCHVISION),
                conversion=TorchConversion("classifier.6", (("classifier.1", (256, 6, 6)),)),

@@ -349,6 +349,7 @@ register_model("googlenet", GoogLeNet, family="inception", input_size=(224, 224,
                paper="Szegedy et al. 2015, Going deeper with convolutions",
                paper_top5_error=6.7, torchvision_name="googlenet", aux_loss_weight=0.3,
                feature_info=GOOGLENET_STAGES,
+               head=("fc", "aux1/fc2", "aux2/fc2"),
                conversion=TorchConversion(
                    "fc", (("aux1.fc1", (128, 4, 4)), ("aux2.fc1", (128, 4, 4))),
                    aux_prefixes=("aux1.", "aux2."), transform_input=True, bn_epsilon=1e-3))
@@ -357,6 +358,6 @@ register_model("inception_v3", Inception3, family="inception", input_size=(299, 
                paper="Szegedy et al. 2016, Rethinking the Inception architecture for computer "
                      "vision",
                torchvision_name="inception_v3", aux_loss_weight=0.4,
-               feature_info=INCEPTION_V3_STAGES,
+               feature_info=INCEPTION_V3_STAGES, head=("fc", "AuxLogits/fc"),
                conversion=TorchConversion("fc", aux_prefixes=("AuxLogits.",),
                                           transform_input=True, bn_epsilon=1e-3))

@@ -55,7 +55,7 @@ class LeNet5(ZooModel):
 
 
 register_model("lenet5", LeNet5, family="lenet", input_size=(32, 32, 1), num_classes=10,
-               min_size=32, mean=(0.5,), std=(0.5,),
+               min_size=32, mean=(0.5,), std=(0.5,), head=("output",),
                feature_info=(FeatureInfo("c1", 6, 1), FeatureInfo("c3", 16, 2),
                              FeatureInfo("c5", 120, 4)),
                paper="LeCun et al. 1998, Gradient-based learning applied to document recognition")

@@ -191,6 +191,7 @@ for _name, (_block, _sizes, _wpg, _groups, _paper) in _TORCHVISION.items():
                    resize_size=256, crop_size=224, paper=_paper,
                    paper_top5_error=3.57 if _paper == _HE_2016 else None,
                    torchvision_name=_name, conversion=TorchConversion("fc"), timm_name=_name,
+                   head=("fc",),
                    feature_info=resnet_stages(_block, _sizes, (64, 128, 256, 512)))
 
 # He et al. 2016 §4.2: 6n + 2 layers, n BasicBlocks per stage at 16/32/64 channels, option A.
@@ -202,4 +203,4 @@ for _depth in (20, 32, 44, 56, 110):
                    feature_info=resnet_stages(BasicBlock, _sizes, (16, 32, 64), "cifar"),
                    family="resnet", input_size=(32, 32, 3), num_classes=10, min_size=8,
                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-                   paper=f"{_HE_2016}, §4.2 (CIFAR-10)")
+                   paper=f"{_HE_2016}, §4.2 (CIFAR-10)", head=("fc",))

@@ -93,10 +93,11 @@ class StridedCNN(ZooModel):
 
 
 register_model("simple_cnn", SimpleCNN, family="simple", input_size=(28, 28, 1), num_classes=10,
-               paper="Keras MNIST CNN of the source notes (002)",
+               paper="Keras MNIST CNN of the source notes (002)", head=("fc2",),
                feature_info=(FeatureInfo("conv1", 32, 1), FeatureInfo("conv2", 64, 2),
                              FeatureInfo("conv3", 64, 4)), **_MNIST)
 register_model("strided_cnn", StridedCNN, family="simple", input_size=(28, 28, 1),
                num_classes=10, paper="PyTorch CNN encoder of the source notes (000)",
+               head=("classifier_2",),
                feature_info=tuple(FeatureInfo(f"cnn_encoder_{i}", w, 2 ** (i + 1))
                                   for i, w in enumerate(StridedCNN.widths)), **_MNIST)

@@ -122,7 +122,7 @@ class VGG(ZooModel):
 
 
 _INFO = dict(family="vgg", input_size=(224, 224, 3), num_classes=1000, resize_size=256,
-             crop_size=224, paper_top5_error=7.5,
+             crop_size=224, paper_top5_error=7.5, head=("classifier_6",),
              paper="Simonyan & Zisserman 2015, Very deep convolutional networks for large-scale "
                    "image recognition")
 _TORCHVISION = {  # name: (column, batch norm)

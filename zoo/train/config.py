@@ -13,14 +13,16 @@ import numpy as np
 
 from zoo import parallel
 from zoo.registry import abstract_variables, create_model, model_info
-from zoo.train.recipes import OPTIMIZERS, SCHEDULES, Recipe
+from zoo.train.recipes import FREEZE, OPTIMIZERS, SCHEDULES, Recipe
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A run: model, data, recipe and the loop's settings; saved as the workdir's config.json.
 
-    `image_size` (H, W, C), `in_channels` and `num_classes` are filled in by `resolve`.
+    `image_size` (H, W, C), `in_channels` and `num_classes` are filled in by `resolve`, and
+    with `init_from` (zoo.train.transfer: used by a fresh workdir only; a resumed run continues
+    from its own checkpoint) `model_kwargs`, the model options its weights were built with.
     """
 
     model: str
@@ -44,6 +46,9 @@ class TrainConfig:
     progress: bool = True
     export: str | None = None  # also write the final model (save_model + model card) here
     skip_bad_images: bool = False  # an image folder's unreadable files are left out
+    val_fraction: float | None = None  # held out of an image folder without val/
+    init_from: str | None = None  # the weights a fresh run starts from
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -53,7 +58,7 @@ class TrainConfig:
         return (*size[:2], self.in_channels or size[2])
 
     def create_kwargs(self) -> dict:
-        kw = {"num_classes": self.num_classes}
+        kw = {"num_classes": self.num_classes, **self.model_kwargs}
         if self.in_channels:
             kw["in_channels"] = self.in_channels
         return kw
@@ -88,14 +93,20 @@ def resolve(config: TrainConfig) -> TrainConfig:
     the data pipeline zero-pads where `zoo.data.padding_to` allows it (28x28 into 32x32
     models), any other size difference needs an explicit `image_size` (a resize).
 
+    With `init_from`, the source is identified (its metadata read, not its weights), it must
+    hold weights of this model, and its input channels are the default.
+
     Raises:
       ValueError: unknown model/dataset/optimizer/schedule/parallel mode, a batch size the
-        devices cannot split, or an input the model cannot take.
+        devices cannot split, an input the model cannot take, a class count the data
+        contradicts, an --init-from that is no source of this model's weights.
     """
     from zoo import data
+    from zoo.train import transfer
 
     info = model_info(config.model)  # ValueError with suggestions for unknown names
-    spec = data.dataset_info(config.dataset, config.data_dir, config.skip_bad_images)
+    spec = data.dataset_info(config.dataset, config.data_dir, config.skip_bad_images,
+                             config.val_fraction)
     r = config.recipe
     if r.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {r.optimizer!r}; use {', '.join(OPTIMIZERS)}")
@@ -118,6 +129,23 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--label-smoothing must be in [0, 1), not {r.label_smoothing}")
     if config.skip_bad_images and spec.kind != "folder":
         raise ValueError("--skip-bad-images applies to image_folder: datasets only")
+    if config.val_fraction is not None and spec.kind != "folder":
+        raise ValueError("--val-fraction applies to image_folder: datasets only")
+    if r.freeze not in FREEZE:
+        raise ValueError(f"--freeze must be one of {', '.join(FREEZE)}, not {r.freeze!r}")
+    if not r.backbone_lr_scale > 0:
+        raise ValueError(f"--backbone-lr-scale must be positive, not {r.backbone_lr_scale}")
+    if spec.num_classes < 2:
+        raise ValueError(f"{config.dataset} has {spec.num_classes} class; a classifier needs "
+                         "two or more (one sub-folder of images per class)")
+    if config.num_classes is not None and config.num_classes < spec.num_classes:
+        raise ValueError(f"--num-classes {config.num_classes} contradicts {config.dataset}, "
+                         f"which has {spec.num_classes} classes")
+    if config.init_from:
+        options = transfer.source_options(transfer.inspect(config.init_from), config.model)
+        config = dataclasses.replace(
+            config, in_channels=config.in_channels or options.pop("in_channels", None),
+            model_kwargs={k: v for k, v in options.items() if k != "in_channels"})
     parallel.check_batch_size(r.batch_size)
     if config.parallel == "pmap":
         parallel.check_batch_size(r.batch_size // jax.process_count(), jax.local_device_count())
@@ -146,14 +174,22 @@ def resolve(config: TrainConfig) -> TrainConfig:
     model = create_model(resolved.model, dtype=jnp.dtype(resolved.dtype),
                          **resolved.create_kwargs())
     try:  # the model's own input check (channels, smallest size), computing nothing
-        abstract_variables(model, (h, w, c))
+        abstract = abstract_variables(model, (h, w, c))
     except ValueError as e:
         raise ValueError(f"{config.dataset} images as {h}x{w}x{c} do not fit {config.model}: "
                          f"{e}") from None
+    if r.freeze == "bn" and not abstract.get("batch_stats"):
+        raise ValueError(f"--freeze bn: {config.model} has no BatchNorm layers")
     return resolved
 
 
 _SAME_RUN = ("model", "dataset", "image_size", "num_classes", "in_channels")
+
+
+def _groups(recipe: Recipe) -> tuple:
+    """What shapes the optimizer state besides the optimizer: the parameter groups of
+    `param_labels`."""
+    return recipe.freeze, recipe.freeze != "backbone" and recipe.backbone_lr_scale != 1
 
 
 def check_resume(config: TrainConfig, workdir: Path) -> TrainConfig | None:
@@ -176,6 +212,15 @@ def check_resume(config: TrainConfig, workdir: Path) -> TrainConfig | None:
         if a is not None and tuple(np.atleast_1d(a)) != tuple(np.atleast_1d(b)):
             raise ValueError(f"{workdir} holds a run with {name} {a}, not {b}; use another "
                              "--workdir")
+    if old.model_kwargs != config.model_kwargs:
+        raise ValueError(f"{workdir} holds a run of {config.model} built with options "
+                         f"{old.model_kwargs}, not {config.model_kwargs}; use another --workdir")
+    if _groups(old.recipe) != _groups(config.recipe):
+        raise ValueError(f"{workdir} holds a run trained with --freeze {old.recipe.freeze} and "
+                         f"--backbone-lr-scale {old.recipe.backbone_lr_scale}; its optimizer "
+                         f"state does not fit --freeze {config.recipe.freeze} and "
+                         f"--backbone-lr-scale {config.recipe.backbone_lr_scale}; use another "
+                         "--workdir")
     if (old.recipe.optimizer, bool(old.recipe.weight_decay)) != \
             (config.recipe.optimizer, bool(config.recipe.weight_decay)):
         raise ValueError(f"{workdir} holds a run trained with {old.recipe.optimizer} (weight "

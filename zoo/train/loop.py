@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo import arithmetic, parallel
-from zoo.registry import create_model, model_info, param_count
+from zoo.registry import abstract_variables, create_model, model_info, param_count
+from zoo.train import transfer
 from zoo.train.config import TrainConfig, check_resume, resolve
-from zoo.train.recipes import make_optimizer, make_schedule
+from zoo.train.recipes import make_optimizer, make_schedule, param_labels
 from zoo.train.step import (StepConfig, TrainState, create_train_state, evaluate,
                              state_variables, train_step)
 
@@ -117,11 +118,12 @@ class _Setup:
 
 
 def build(config: TrainConfig) -> _Setup:
-    """Models, optimizer and schedule of a resolved config."""
+    """Models, optimizer (parameter groups: `param_labels`) and schedule of a resolved config."""
     from zoo import data
 
     info = model_info(config.model)
-    spec = data.dataset_info(config.dataset, config.data_dir, config.skip_bad_images)
+    spec = data.dataset_info(config.dataset, config.data_dir, config.skip_bad_images,
+                             config.val_fraction)
     kwargs = config.create_kwargs()
     dtype = jnp.dtype(config.dtype)
     eval_model = create_model(config.model, dtype=dtype, **kwargs)
@@ -139,7 +141,9 @@ def build(config: TrainConfig) -> _Setup:
     rest = examples - steps_per_epoch * batch if examples >= batch else 0
     note = (f"; each epoch leaves out {rest} images, a different {rest} each time, as "
             "tf.data's drop_remainder does" if rest else "")
-    return _Setup(model, eval_model, info, spec, make_optimizer(config.recipe, schedule),
+    labels = param_labels(abstract_variables(eval_model, config.image_shape), info.head,
+                          config.recipe)
+    return _Setup(model, eval_model, info, spec, make_optimizer(config.recipe, schedule, labels),
                   schedule, steps_per_epoch, total, note)
 
 
@@ -172,6 +176,14 @@ def _train(config: TrainConfig) -> dict:
     workdir = Path(config.workdir)
     previous = check_resume(config, workdir)
     lead = parallel.is_lead()
+    init = None
+    if config.init_from:  # a fresh run: its source is read and checked before any file is made
+        with TrainCheckpointer(workdir, read_only=True) as existing:
+            fresh = not existing.steps()
+        if fresh:
+            init, note = transfer.load(config, setup.eval_model)
+            if note and lead:
+                print(note, file=sys.stderr)
     mesh = parallel.make_mesh()
     rep, _ = parallel.shardings(mesh)
     state = jax.jit(lambda: create_train_state(setup.model, setup.tx, config.image_shape,
@@ -181,12 +193,14 @@ def _train(config: TrainConfig) -> dict:
                                 config.allow_fallback)
         if restored is not None:
             state = state.replace(**restored[1])
+        elif init is not None:
+            state = transfer.apply(state, init, rep)
         start = int(np.asarray(state.step))
         batches = data.make_dataset(
             config.dataset, "train", info=setup.info, image_size=config.image_shape,
             global_batch_size=config.recipe.batch_size, train=True, data_dir=config.data_dir,
             seed=config.seed, start_step=start, augment=config.recipe.augment,
-            skip_bad_images=config.skip_bad_images)
+            skip_bad_images=config.skip_bad_images, val_fraction=config.val_fraction)
         if start < setup.total_steps:  # damaged data fails here, before the workdir is written
             batches = itertools.chain([next(batches)], batches)
         # from here on the run owns the workdir
@@ -199,7 +213,8 @@ def _train(config: TrainConfig) -> dict:
                       "the new ones apply from here", file=sys.stderr)
             config.save(workdir / "config.json")
             ckpt.check_space(_state_dict(state))
-            what = (f"resuming at step {start}" if restored else "starting")
+            what = (f"resuming at step {start}" if restored else
+                    f"starting from {config.init_from}" if init is not None else "starting")
             print(f"{what}: {config.model} on {config.dataset} "
                   f"{'x'.join(map(str, config.image_shape))}, {setup.total_steps} steps "
                   f"({setup.total_steps / setup.steps_per_epoch:.3g} epochs of "
@@ -208,6 +223,9 @@ def _train(config: TrainConfig) -> dict:
                   f"{jax.device_count()} {jax.devices()[0].platform} device(s) "
                   f"({config.parallel}), recipe {config.recipe_name or 'custom'}, workdir "
                   f"{workdir}", file=sys.stderr)
+            if setup.spec.kind == "folder" and setup.spec.eval_split != "val":
+                print(f"note: {config.dataset} has no val/ folder: the evaluations use the "
+                      "training images (--val-fraction holds some out)", file=sys.stderr)
         if restored and lead:
             print(f"resuming from step {start} in {workdir}", file=sys.stderr)
         with _Stop() as stop:
@@ -222,7 +240,8 @@ def _loop(config: TrainConfig, setup: _Setup, state, batches, ckpt, stop, mesh) 
     lead = parallel.is_lead()
     workdir = Path(config.workdir)
     step_fn = functools.partial(train_step, config=StepConfig(
-        config.recipe.label_smoothing, setup.info.aux_loss_weight))
+        config.recipe.label_smoothing, setup.info.aux_loss_weight,
+        frozen_bn=config.recipe.freeze in ("bn", "backbone")))
     run = parallel.compile_step(step_fn, mesh, config.parallel)
     state = run.prepare(state)
     start, total, per_epoch = int(np.asarray(run.local(state).step)), setup.total_steps, \
@@ -237,7 +256,8 @@ def _loop(config: TrainConfig, setup: _Setup, state, batches, ckpt, stop, mesh) 
         eval_batches = data.make_dataset(
             config.dataset, setup.spec.eval_split, info=setup.info,
             image_size=config.image_shape, global_batch_size=eval_batch, train=False,
-            data_dir=config.data_dir, skip_bad_images=config.skip_bad_images)
+            data_dir=config.data_dir, skip_bad_images=config.skip_bad_images,
+            val_fraction=config.val_fraction)
         return evaluate(setup.eval_model, variables, eval_batches, mesh=mesh)
 
     writer = _Writer(workdir, lead)

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +21,11 @@ class Recipe:
     (linear warm-up over `warmup_epochs`, then cosine to 0). `weight_decay` applies to conv and
     dense kernels only, never to BatchNorm parameters or biases. `augment` None means the
     dataset's standard training augmentation.
+
+    Fine-tuning (see `param_labels`): `freeze` 'bn' keeps every BatchNorm as it is (running
+    statistics used and kept, scale and bias not updated), 'backbone' trains the classifier
+    head alone (a linear probe; BatchNorm frozen too); `backbone_lr_scale` multiplies the
+    learning rate of the parameters outside the head.
     """
 
     optimizer: str = "adam"
@@ -33,6 +39,8 @@ class Recipe:
     momentum: float = 0.9
     scale_lr: bool = False
     augment: bool | None = None
+    freeze: str = "none"
+    backbone_lr_scale: float = 1.0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -55,10 +63,14 @@ RECIPES: dict[str, Recipe] = {
     # epochs then cosine, wd 1e-4 (not on BN/bias), label smoothing 0.1, 90 epochs.
     "resnet50_imagenet": Recipe("nesterov", 0.1, 256, 90, "warmup_cosine", 5, 1e-4, 0.1,
                                 scale_lr=True),
+    # `train.py --init-from`'s default: the new head at Adam's usual rate, the pretrained
+    # backbone at a tenth of it, cosine decay, the dataset's augmentation.
+    "finetune": Recipe("adam", 3e-3, 32, 10, "cosine", backbone_lr_scale=0.1),
 }
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lamb")
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
+FREEZE = ("none", "bn", "backbone")
 
 
 def default_recipe_name(model: str, dataset: str) -> str | None:
@@ -93,12 +105,54 @@ def decay_mask(params) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTransformation:
+def param_labels(variables: dict, head: tuple[str, ...], recipe: Recipe) -> Any | None:
+    """The optimizer of each parameter: 'train' (the recipe's), 'backbone' (its rate times
+    `backbone_lr_scale`, for every parameter outside the `head` module paths) or 'frozen' (no
+    update and no optimizer state: the whole backbone with freeze 'backbone', the BatchNorm
+    scales and biases with 'bn'). None where every parameter trains alike.
+
+    `variables` are the model's (arrays or shapes); a BatchNorm is a module with batch_stats.
+    """
+    if recipe.freeze == "none" and recipe.backbone_lr_scale == 1:
+        return None
+    if not head:
+        raise ValueError("the model declares no classifier head (ModelInfo.head) to tell the "
+                         "backbone by")
+    flat = traverse_util.flatten_dict(dict(variables["params"]))
+    norms = {path[:-1] for path in traverse_util.flatten_dict(
+        dict(variables.get("batch_stats") or {}))}
+    heads = [tuple(h.split("/")) for h in head]
+    rest = "train" if recipe.backbone_lr_scale == 1 else "backbone"
+
+    def label(path):
+        if any(path[:len(h)] == h for h in heads):
+            return "train"
+        if recipe.freeze == "backbone" or (recipe.freeze == "bn" and path[:-1] in norms):
+            return "frozen"
+        return rest
+
+    return traverse_util.unflatten_dict({p: label(p) for p in flat})
+
+
+def make_optimizer(recipe: Recipe, schedule: optax.Schedule, labels: Any | None = None
+                   ) -> optax.GradientTransformation:
     """The recipe's optax optimizer; weight decay on kernels only (not BN or biases).
 
     sgd/momentum/nesterov/adam/rmsprop add `weight_decay * param` to the gradient (L2, as torch's
-    `weight_decay`); adamw/lamb decouple it (Loshchilov & Hutter).
+    `weight_decay`); adamw/lamb decouple it (Loshchilov & Hutter). With `labels`
+    (`param_labels`), each group gets its own (optax.multi_transform): the frozen one
+    `set_to_zero`, which keeps no state.
     """
+    if labels is None:
+        return _optimizer(recipe, schedule)
+    scaled = lambda step: recipe.backbone_lr_scale * schedule(step)
+    build = {"train": lambda: _optimizer(recipe, schedule),
+             "backbone": lambda: _optimizer(recipe, scaled), "frozen": optax.set_to_zero}
+    return optax.multi_transform({k: build[k]() for k in sorted(set(jax.tree.leaves(labels)))},
+                                 labels)
+
+
+def _optimizer(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTransformation:
     wd = recipe.weight_decay
     if recipe.optimizer == "adamw":
         return optax.adamw(schedule, weight_decay=wd, mask=decay_mask)

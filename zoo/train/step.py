@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Iterable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +27,27 @@ class TrainState(train_state.TrainState):
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """The loss: label smoothing and the weight of auxiliary classifiers (GoogLeNet 0.3)."""
+    """The loss: label smoothing and the weight of auxiliary classifiers (GoogLeNet 0.3);
+    `frozen_bn`: every BatchNorm normalises with its running statistics and keeps them, while
+    the rest of the model trains as usual (dropout, auxiliary classifiers): torch's
+    `bn.eval()` inside `model.train()`."""
 
     label_smoothing: float = 0.0
     aux_loss_weight: float = 0.0
+    frozen_bn: bool = False
+
+
+def _running_batch_norm(next_fun, args, kwargs, context):
+    """A flax method interceptor: BatchNorm calls use the running statistics (the models build
+    their BatchNorms with `use_running_average=not train`, so the one `train` flag cannot say
+    it); the scale and bias stay differentiable, the statistics are not updated."""
+    module = context.module
+    if not isinstance(module, nn.BatchNorm) or context.method_name != "__call__" or \
+            module.use_running_average:
+        return next_fun(*args, **kwargs)
+    variables = {c: module.variables[c] for c in ("params", "batch_stats")
+                 if c in module.variables}
+    return module.clone(parent=None, use_running_average=True).apply(variables, *args, **kwargs)
 
 
 def model_variables(params, batch_stats=None) -> dict:
@@ -92,9 +111,13 @@ def train_step(state: TrainState, batch: dict, *, config: StepConfig = StepConfi
     labels = batch["label"]
 
     def loss_fn(params):
-        out, updates = state.apply_fn(model_variables(params, state.batch_stats), batch["image"],
-                                      train=True,
-                                      mutable=["batch_stats"], rngs={"dropout": rng})
+        with nn.intercept_methods(_running_batch_norm) if config.frozen_bn else \
+                contextlib.nullcontext():
+            out, updates = state.apply_fn(model_variables(params, state.batch_stats),
+                                          batch["image"], train=True, mutable=["batch_stats"],
+                                          rngs={"dropout": rng})
+        if config.frozen_bn:
+            updates = {"batch_stats": state.batch_stats}
         logits, aux = _split_outputs(out)
         loss = (_cross_entropy(logits, labels, config.label_smoothing) * mask).sum()
         for a in aux:  # GoogLeNet/Inception auxiliary classifiers
