@@ -233,7 +233,8 @@ def converted_create_kwargs(name: str, state_dict: Mapping | None = None, *,
     """
     hints = _hints(name)
     kwargs: dict[str, Any] = {}
-    weight = None if state_dict is None else state_dict.get(f"{hints.head}.weight")
+    head = torch_key(("params", *model_info(name).head[0].split("/"), "kernel"))
+    weight = None if state_dict is None else state_dict.get(head)
     kwargs["num_classes"] = int(weight.shape[0]) if weight is not None and np.ndim(weight) == 2 \
         else model_info(name).num_classes
     if hints.transform_input:

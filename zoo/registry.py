@@ -28,7 +28,6 @@ class TorchConversion:
     """What converting torchvision's weights needs beyond the generic name map (zoo.convert).
 
     Attributes:
-      head: the classifier whose rows give the class count ('fc', 'classifier.6').
       flatten_fc: linear layers that read a flattened C x H x W map, with (C, H, W): their
         input rows are permuted from torch's (c, h, w) flatten order to the zoo's (h, w, c).
       aux_prefixes: key prefixes of auxiliary classifiers (dropped only when asked).
@@ -36,7 +35,6 @@ class TorchConversion:
       bn_epsilon: the BatchNorm epsilon torchvision uses, where it is not torch's 1e-5.
     """
 
-    head: str
     flatten_fc: tuple[tuple[str, tuple[int, int, int]], ...] = ()
     aux_prefixes: tuple[str, ...] = ()
     transform_input: bool = False

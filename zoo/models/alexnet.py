@@ -98,7 +98,7 @@ _INFO = dict(family="alexnet", num_classes=1000, resize_size=256, paper_top5_err
              head=("classifier_6",))
 register_model("alexnet", AlexNet, input_size=(224, 224, 3), min_size=63, crop_size=224,
                torchvision_name="alexnet", feature_info=alexnet_stages(TORCHVISION),
-               conversion=TorchConversion("classifier.6", (("classifier.1", (256, 6, 6)),)),
+               conversion=TorchConversion((("classifier.1", (256, 6, 6)),)),
                paper="Krizhevsky 2014, One weird trick for parallelizing convolutional neural "
                      "networks (torchvision's single-tower AlexNet)", **_INFO)
 register_model("alexnet_lrn", partial(AlexNet, cfg=KRIZHEVSKY_2012, adaptive_pool=False,

@@ -351,7 +351,7 @@ register_model("googlenet", GoogLeNet, family="inception", input_size=(224, 224,
                feature_info=GOOGLENET_STAGES,
                head=("fc", "aux1/fc2", "aux2/fc2"),
                conversion=TorchConversion(
-                   "fc", (("aux1.fc1", (128, 4, 4)), ("aux2.fc1", (128, 4, 4))),
+                   (("aux1.fc1", (128, 4, 4)), ("aux2.fc1", (128, 4, 4))),
                    aux_prefixes=("aux1.", "aux2."), transform_input=True, bn_epsilon=1e-3))
 register_model("inception_v3", Inception3, family="inception", input_size=(299, 299, 3),
                num_classes=1000, min_size=75, resize_size=342, crop_size=299,
@@ -359,5 +359,5 @@ register_model("inception_v3", Inception3, family="inception", input_size=(299, 
                      "vision",
                torchvision_name="inception_v3", aux_loss_weight=0.4,
                feature_info=INCEPTION_V3_STAGES, head=("fc", "AuxLogits/fc"),
-               conversion=TorchConversion("fc", aux_prefixes=("AuxLogits.",),
+               conversion=TorchConversion(aux_prefixes=("AuxLogits.",),
                                           transform_input=True, bn_epsilon=1e-3))

@@ -190,7 +190,7 @@ for _name, (_block, _sizes, _wpg, _groups, _paper) in _TORCHVISION.items():
                    family="resnet", input_size=(224, 224, 3), num_classes=1000, min_size=32,
                    resize_size=256, crop_size=224, paper=_paper,
                    paper_top5_error=3.57 if _paper == _HE_2016 else None,
-                   torchvision_name=_name, conversion=TorchConversion("fc"), timm_name=_name,
+                   torchvision_name=_name, conversion=TorchConversion(), timm_name=_name,
                    head=("fc",),
                    feature_info=resnet_stages(_block, _sizes, (64, 128, 256, 512)))
 

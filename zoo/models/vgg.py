@@ -130,7 +130,7 @@ _TORCHVISION = {  # name: (column, batch norm)
     "vgg13_bn": ("B", True), "vgg16": ("D", False), "vgg16_bn": ("D", True),
     "vgg19": ("E", False), "vgg19_bn": ("E", True),
 }
-_CONVERSION = TorchConversion("classifier.6", (("classifier.0", (512, 7, 7)),))
+_CONVERSION = TorchConversion((("classifier.0", (512, 7, 7)),))
 for _name, (_col, _bn) in _TORCHVISION.items():
     register_model(_name, partial(VGG, cfg=CFGS[_col], batch_norm=_bn, arch=_name), min_size=32,
                    torchvision_name=_name, conversion=_CONVERSION,
