@@ -140,7 +140,7 @@ def _rates(batch_size: int, step_s: float, step_flops: float | None,
 
 
 def zoo_timer(name: str, mode: str, batch_size: int, dtype: str, input_shape, num_classes,
-              donate: bool = True, remat: bool = False, seed: int = 0):
+              donate: bool = True, remat: bool = False, seed: int = 0, devices=None):
     """A Timer of the zoo's compiled train step or forward pass on synthetic on-device data.
 
     Train mode compiles the project's one `zoo.training.train_step` exactly as the training loop
@@ -148,7 +148,7 @@ def zoo_timer(name: str, mode: str, batch_size: int, dtype: str, input_shape, nu
     'data'), with SGD + momentum 0.9 (as the torch side) and the model's aux-loss weight.
     `remat` wraps the state's `apply_fn` in `jax.checkpoint` (the whole forward is recomputed
     in the backward pass: activation memory for compute), since the train step has no such
-    option of its own. Returns (timer, devices).
+    option of its own. `devices` (default: all) are the mesh's. Returns (timer, devices).
     """
     import jax
     import jax.numpy as jnp
@@ -157,7 +157,7 @@ def zoo_timer(name: str, mode: str, batch_size: int, dtype: str, input_shape, nu
     import zoo
     from zoo import parallel
 
-    devices = jax.devices()
+    devices = list(devices or jax.devices())
     if batch_size % len(devices):
         raise ValueError(f"--batch-size {batch_size} is not divisible by the {len(devices)} "
                          "devices")
