@@ -60,12 +60,25 @@ def test_lenet5_two_steps_prints_valid_json(capsys, mode):
                                              rel=1e-2)
 
 
-def test_torch_lenet5_matches_zoo_parameter_count():
-    pytest.importorskip("torch")
+@pytest.mark.parametrize("name", sorted(bench._TORCH_TWINS))
+def test_torch_twin_has_the_zoo_models_parameter_count(name):
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
     import zoo
 
-    torch_params = sum(p.numel() for p in bench.torch_lenet5().parameters())
-    assert torch_params == zoo.summary("lenet5").total_params == 61_706
+    info = zoo.model_info(name)
+    model = zoo.create_model(name)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                  jnp.zeros((1, *info.input_size))))
+    zoo_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
+    twin = bench.torch_model(name, info.num_classes, info.input_size[-1], aux=False)
+    assert sum(p.numel() for p in twin.parameters()) == zoo_params
+    with torch.no_grad():  # and it runs at the zoo model's native size
+        out = twin.eval()(torch.zeros(1, info.input_size[-1], *info.input_size[:2]))
+    assert tuple(out.shape) == (1, info.num_classes)
 
 
 def test_resnet50_flops_match_the_known_4_1_gmacs():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -139,7 +140,7 @@ def _rates(batch_size: int, step_s: float, step_flops: float | None,
 
 
 def zoo_timer(name: str, mode: str, batch_size: int, dtype: str, input_shape, num_classes,
-              donate: bool = True, remat: bool = False, seed: int = 0):
+              donate: bool = True, remat: bool = False, seed: int = 0, devices=None):
     """A Timer of the zoo's compiled train step or forward pass on synthetic on-device data.
 
     Train mode compiles the project's one `zoo.training.train_step` exactly as the training loop
@@ -147,10 +148,8 @@ def zoo_timer(name: str, mode: str, batch_size: int, dtype: str, input_shape, nu
     'data'), with SGD + momentum 0.9 (as the torch side) and the model's aux-loss weight.
     `remat` wraps the state's `apply_fn` in `jax.checkpoint` (the whole forward is recomputed
     in the backward pass: activation memory for compute), since the train step has no such
-    option of its own. Returns (timer, devices).
+    option of its own. `devices` (default: all) are the mesh's. Returns (timer, devices).
     """
-    import functools
-
     import jax
     import jax.numpy as jnp
     import optax
@@ -158,7 +157,7 @@ def zoo_timer(name: str, mode: str, batch_size: int, dtype: str, input_shape, nu
     import zoo
     from zoo import parallel
 
-    devices = jax.devices()
+    devices = list(devices or jax.devices())
     if batch_size % len(devices):
         raise ValueError(f"--batch-size {batch_size} is not divisible by the {len(devices)} "
                          "devices")
@@ -237,7 +236,90 @@ def torch_lenet5(num_classes: int = 10, in_channels: int = 1):
         nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))
 
 
-_TORCH_TWINS = {"lenet5": torch_lenet5}
+def torch_simple_cnn(num_classes: int = 10, in_channels: int = 1):
+    """The torch twin of `zoo.models.simple.SimpleCNN`: three 3x3 'same' convs with 2x2 max
+    pools (28 -> 14 -> 7 -> 3), dense 64, dense classes."""
+    from torch import nn
+
+    layers, c = [], in_channels
+    for width in (32, 64, 64):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c = width
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(3 * 3 * c, 64), nn.ReLU(),
+                         nn.Linear(64, num_classes))
+
+
+def torch_strided_cnn(num_classes: int = 10, in_channels: int = 1):
+    """The torch twin of `zoo.models.simple.StridedCNN`: five blocks of a 3x3 conv and a 3x3
+    stride-2 conv (ReLUs), global average pool, dense 200, dense classes."""
+    from torch import nn
+
+    layers, c = [], in_channels
+    for width in (32, 64, 128, 256, 512):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(),
+                   nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU()]
+        c = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 200),
+                         nn.ReLU(), nn.Linear(200, num_classes))
+
+
+def torch_alexnet_lrn(num_classes: int = 1000, in_channels: int = 3):
+    """The torch twin of the zoo's `alexnet_lrn` (Krizhevsky 2012, one tower, LRN after the
+    first two pools, 227x227 input, FC6 on the 6x6x256 map)."""
+    from torch import nn
+
+    conv = lambda i, o, k, s, p: [nn.Conv2d(i, o, k, s, p), nn.ReLU()]
+    lrn = lambda: nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+    return nn.Sequential(
+        *conv(in_channels, 96, 11, 4, 0), nn.MaxPool2d(3, 2), lrn(),
+        *conv(96, 256, 5, 1, 2), nn.MaxPool2d(3, 2), lrn(),
+        *conv(256, 384, 3, 1, 1), *conv(384, 384, 3, 1, 1), *conv(384, 256, 3, 1, 1),
+        nn.MaxPool2d(3, 2), nn.Flatten(),
+        nn.Dropout(0.5), nn.Linear(6 * 6 * 256, 4096), nn.ReLU(),
+        nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, num_classes))
+
+
+def torch_cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3):
+    """The torch twin of the zoo's CIFAR ResNets (He et al. 2016 §4.2, resnet20 ... resnet110):
+    a 3x3 16-channel stem, three stages of (depth - 2) / 6 BasicBlocks at 16/32/64 channels,
+    and option-A shortcuts exactly as `zoo.models.resnet._Block.residual` (stride-2
+    subsampling, the new channels zero-padded after the old ones)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c_in, c_out, stride):
+            super().__init__()
+            self.stride, self.extra = stride, c_out - c_in
+            self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c_out)
+            self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c_out)
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            if self.stride != 1 or self.extra:
+                x = nn.functional.pad(x[:, :, ::self.stride, ::self.stride],
+                                      (0, 0, 0, 0, 0, self.extra))
+            return torch.relu(y + x)
+
+    n = (depth - 2) // 6
+    layers, c = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
+                 nn.ReLU()], 16
+    for i, width in enumerate((16, 32, 64)):
+        for j in range(n):
+            layers.append(Block(c, width, 2 if i and not j else 1))
+            c = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(c, num_classes))
+
+
+# Twins of the zoo models torchvision lacks that run on a CPU at their native size.
+_TORCH_TWINS: dict[str, Callable] = {
+    "lenet5": torch_lenet5, "simple_cnn": torch_simple_cnn, "strided_cnn": torch_strided_cnn,
+    "alexnet_lrn": torch_alexnet_lrn,
+    **{f"resnet{d}": functools.partial(torch_cifar_resnet, d) for d in (20, 32, 44, 56, 110)}}
 
 
 def torch_model(name: str, num_classes: int, in_channels: int, aux: bool):

@@ -139,12 +139,76 @@ class Pool(nn.Module):
         return lax.reduce_window(x, init, op, dims, (1, s, s, 1), pads), pads
 
 
+def _window_views(xp, window: int, stride: int, out: tuple[int, int]):
+    """The window's k*k strided views of the padded input, in row-major window order: view
+    (i, j) holds element (i, j) of every output's window."""
+    n, _, _, c = xp.shape
+    return [lax.slice(xp, (0, i, j, 0), (n, i + stride * (out[0] - 1) + 1,
+                                         j + stride * (out[1] - 1) + 1, c), (1, stride, stride, 1))
+            for i in range(window) for j in range(window)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, window: int, stride: int, pads: tuple[tuple[int, int], ...]):
+    """Max pooling of an NHWC batch as elementwise work: the maximum of the window's k*k
+    strided views of the input padded with -inf by `pads` ((low, high) of H and W).
+
+    The values of lax's reduce-window max, and the gradient of its transpose,
+    `select_and_scatter_add`: each window's cotangent goes to its first maximum in row-major
+    order (ties included: ReLU zeros tie all the time), summed where windows overlap. XLA:CPU
+    expands `select_and_scatter` into iotas, a variadic reduce-window and a scatter, which
+    dominates a small CNN's train step; here both passes are compares, selects and strided
+    pads that XLA fuses into loops (benchmarks/cpu_pool.py).
+    """
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    out = [conv_output_size(n, window, stride, 0, rounding="floor") for n in xp.shape[1:3]]
+    return functools.reduce(jnp.maximum, _window_views(xp, window, stride, out))
+
+
+def _max_pool_fwd(x, window, stride, pads):
+    y = max_pool(x, window, stride, pads)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, stride, pads, residuals, g):
+    x, y = residuals
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    out = y.shape[1:3]
+    acc = jnp.promote_types(g.dtype, jnp.float32)  # overlapping windows' sums round once
+    zero = jnp.zeros((), acc)
+    taken = jnp.zeros(y.shape, bool)
+    dxp = jnp.zeros(xp.shape, acc)
+    for k, view in enumerate(_window_views(xp, window, stride, out)):
+        i, j = divmod(k, window)
+        first = (view == y) & ~taken  # the first maximum of each window so far
+        taken = taken | first
+        dxp = dxp + lax.pad(jnp.where(first, g.astype(acc), zero), zero, (
+            (0, 0, 0),
+            (i, xp.shape[1] - i - stride * (out[0] - 1) - 1, stride - 1),
+            (j, xp.shape[2] - j - stride * (out[1] - 1) - 1, stride - 1),
+            (0, 0, 0)))
+    (top, _), (left, _) = pads
+    return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]].astype(g.dtype),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 class MaxPool(Pool):
-    """Max pooling (padding counts as -inf, as in torch); `ceil_mode` as torch's."""
+    """Max pooling (padding counts as -inf, as in torch); `ceil_mode` as torch's.
+
+    On CPU it is `max_pool` (the same values and gradients, computed elementwise); elsewhere
+    lax's reduce-window and select-and-scatter.
+    """
 
     @nn.compact
     def __call__(self, x):
-        return self._reduce(x, -jnp.inf, lax.max)[0]
+        if jax.default_backend() != "cpu" or x.ndim != 4:
+            return self._reduce(x, -jnp.inf, lax.max)[0]
+        s = self.stride or self.window
+        pads = tuple(pool_padding(n, self.window, s, self.padding, self.ceil_mode)
+                     for n in x.shape[1:3])
+        return max_pool(x, self.window, s, pads)
 
 
 class MinPool(Pool):
