@@ -37,11 +37,13 @@ class Source:
 
 def inspect(name: str) -> Source:
     """The source `name` names, from its metadata alone; ValueError where it is none."""
-    from zoo import CHECKPOINTS
+    from zoo import CHECKPOINTS, pretrained_path
+    from zoo.checkpoints import CheckpointError
 
-    path = Path(name)
-    if not path.exists() and (CHECKPOINTS / name).is_dir():
-        path = CHECKPOINTS / name
+    try:
+        path = pretrained_path(name)  # a path, or the name of a shipped checkpoint
+    except CheckpointError:
+        path = Path(name)
     if path.is_file() and path.suffix in TORCH_SUFFIXES:
         return Source(name, path, "torchvision")
     meta = None
@@ -56,8 +58,13 @@ def inspect(name: str) -> Source:
                          f"shipped checkpoint ({shipped}), an exported model or train.py "
                          "workdir directory, or a torchvision .pth/.pt/.safetensors file")
     try:
-        raw = json.loads(meta.read_text())
-        return Source(name, path, "zoo", raw["model"], dict(raw.get("create_kwargs") or {}))
+        if meta.name == "config.json":  # a workdir: TrainConfig reads its config
+            from zoo.train.config import TrainConfig
+
+            config = TrainConfig.load(meta)
+            return Source(name, path, "zoo", config.model, config.create_kwargs())
+        card = json.loads(meta.read_text())
+        return Source(name, path, "zoo", card["model"], dict(card.get("create_kwargs") or {}))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--init-from {name}: {meta} is not readable ({type(e).__name__}: "
                          f"{e})") from None
