@@ -161,7 +161,8 @@ FAKE_DATA = textwrap.dedent("""
 
     def dataset_info(name, data_dir=None, skip_bad_images=False, val_fraction=None):
         return types.SimpleNamespace(name=name, num_classes=10, image_shape=(28, 28, 1),
-                                     splits={"train": N, "test": N}, eval_split="test")
+                                     splits={"train": N, "test": N}, eval_split="test",
+                                     kind="small")
 
     def make_dataset(name, split, *, info, global_batch_size, train, start_step=0, seed=0,
                      **kw):
