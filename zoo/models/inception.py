@@ -131,6 +131,30 @@ GOOGLENET_STAGES = tuple(FeatureInfo(n, c, r, n) for n, c, r in (
     ("inception5b", 1024, 32)))
 
 
+def _stem(ops, x, train: bool, conv, stages, ceil_mode: bool):
+    """The convs and 3x3/2 max pools of a stem table; (x, True) where `stages` has every
+    wanted map (each pool's input is a stage boundary)."""
+    for op in ops:
+        if isinstance(op, str):
+            if stages.add(x):
+                return x, True
+            x = MaxPool(3, 2, ceil_mode=ceil_mode, name=op)(x)
+        else:
+            x = conv(*op[1:], name=op[0])(x, train)
+    return x, False
+
+
+def _classifier(model, x, train: bool):
+    """Global average pool, dropout and the `fc` layer of GoogLeNet and Inception v3 (float32
+    logits), or the pooled features when `num_classes` is 0."""
+    x = Flatten(name="flatten")(AdaptiveAvgPool(1, name="avgpool")(x))
+    if not model.num_classes:
+        return x.astype(jnp.float32)
+    x = nn.Dropout(model.dropout, deterministic=not train, name="dropout")(x)
+    return nn.Dense(model.num_classes, dtype=model.dtype, param_dtype=model.param_dtype,
+                    name="fc")(x).astype(jnp.float32)
+
+
 class GoogLeNet(ZooModel):
     """torchvision's GoogLeNet: stem, nine Inception modules, global average pool, dropout, FC.
 
@@ -153,13 +177,9 @@ class GoogLeNet(ZooModel):
         x = (_transform_input(x) if self.transform_input else x).astype(self.dtype)
         conv = partial(BasicConv2d, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, axis_name=self.axis_name)
-        for op in GOOGLENET_STEM:
-            if isinstance(op, str):
-                if stages.add(x):
-                    return stages.output()
-                x = MaxPool(3, 2, ceil_mode=True, name=op)(x)
-            else:
-                x = conv(*op[1:], name=op[0])(x, train)
+        x, done = _stem(GOOGLENET_STEM, x, train, conv, stages, ceil_mode=True)
+        if done:
+            return stages.output()
         use_aux = (self.aux_logits and self.num_classes and not self.features_only
                    and (train or self.is_initializing()))
         aux = []
@@ -176,12 +196,7 @@ class GoogLeNet(ZooModel):
         if self.features_only:
             stages.add(x)
             return stages.output()
-        x = Flatten(name="flatten")(AdaptiveAvgPool(1, name="avgpool")(x))
-        if not self.num_classes:
-            return x.astype(jnp.float32)
-        x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="fc")(x).astype(jnp.float32)
+        x = _classifier(self, x, train)
         return (x, tuple(aux)) if train and aux else x
 
 
@@ -313,13 +328,9 @@ class Inception3(ZooModel):
         x = (_transform_input(x) if self.transform_input else x).astype(self.dtype)
         conv = partial(BasicConv2d, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, axis_name=self.axis_name)
-        for op in INCEPTION_V3_STEM:
-            if isinstance(op, str):
-                if stages.add(x):
-                    return stages.output()
-                x = MaxPool(3, 2, name=op)(x)
-            else:
-                x = conv(*op[1:], name=op[0])(x, train)
+        x, done = _stem(INCEPTION_V3_STEM, x, train, conv, stages, ceil_mode=False)
+        if done:
+            return stages.output()
         use_aux = (self.aux_logits and self.num_classes and not self.features_only
                    and (train or self.is_initializing()))
         aux = None
@@ -335,12 +346,7 @@ class Inception3(ZooModel):
         if self.features_only:
             stages.add(x)
             return stages.output()
-        x = Flatten(name="flatten")(AdaptiveAvgPool(1, name="avgpool")(x))
-        if not self.num_classes:
-            return x.astype(jnp.float32)
-        x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="fc")(x).astype(jnp.float32)
+        x = _classifier(self, x, train)
         return (x, (aux,)) if train and aux is not None else x
 
 
