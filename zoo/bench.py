@@ -1,7 +1,8 @@
 """Throughput, compile time and MFU of a zoo model, measured side by side with torchvision.
 
 `python -m zoo bench MODEL [--mode train|infer] [--batch-size N] [--dtype D] [--steps N]
-[--image-size S] [--against torch] ...` prints one JSON object (the contract of DESIGN.md).
+[--image-size S] [--against torch] ...` prints one JSON object (its fields are relied on
+outside: keep them).
 
 How it measures (the same for the zoo and for torch):
   * synthetic data made once on the device (images ~ N(0, 1) NHWC float32, random labels), so

@@ -17,5 +17,5 @@ from zoo.train.step import (StepConfig, TrainState, create_train_state, evaluate
 __all__ = ["FREEZE", "Interrupted", "OPTIMIZERS", "RECIPES", "Recipe", "SCHEDULES", "StepConfig",
            "TrainConfig", "TrainState", "build", "check_resume", "create_train_state",
            "decay_mask", "default_recipe_name", "evaluate", "export", "make_optimizer",
-           "make_schedule", "model_variables", "param_labels", "peak_lr", "resolve", "state_variables", "train",
-           "train_seconds", "train_step"]
+           "make_schedule", "model_variables", "param_labels", "peak_lr", "resolve",
+           "state_variables", "train", "train_seconds", "train_step"]
