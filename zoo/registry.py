@@ -197,8 +197,13 @@ def create_model(name: str, num_classes: int | None = None, *, dtype: Any = jnp.
       ValueError: unknown name, unknown option, or out_indices that name no stage.
     """
     entry = _entry(name)
-    kwargs = dict(num_classes=entry.info.num_classes if num_classes is None else num_classes,
-                  dtype=dtype, **overrides)
+    module_cls = getattr(entry.factory, "func", entry.factory)
+    fields = {f.name for f in dataclasses.fields(module_cls)} \
+        if dataclasses.is_dataclass(module_cls) else set()
+    # the registry owns a model's name and smallest input; its input check reads them
+    known = {k: v for k, v in (("arch", name), ("min_size", entry.info.min_size)) if k in fields}
+    kwargs = dict(known, num_classes=entry.info.num_classes if num_classes is None
+                  else num_classes, dtype=dtype, **overrides)
     if features_only:
         from zoo.features import check_out_indices
 
@@ -208,9 +213,7 @@ def create_model(name: str, num_classes: int | None = None, *, dtype: Any = jnp.
     try:
         return entry.factory(**kwargs)
     except TypeError as e:  # an unknown keyword: name the options the model has
-        module_cls = getattr(entry.factory, "func", entry.factory)
-        options = sorted(f.name for f in dataclasses.fields(module_cls)
-                         if f.name not in ("parent", "name")) if dataclasses.is_dataclass(module_cls) else []
+        options = sorted(fields - {"parent", "name", "arch", "min_size"})
         raise ValueError(f"{name}: {e}; its options are {', '.join(options)}") from None
 
 

@@ -20,6 +20,8 @@ class ZooModel(nn.Module):
     in_channels: input channels (checked). dtype: compute dtype; param_dtype: parameters'.
     axis_name: BatchNorm statistics are averaged over this pmap axis (the pmap path sets it).
     features_only, out_indices: return the stage maps (ModelInfo.feature_info) instead.
+    arch, min_size: the registry name and smallest input (H = W) the input check names;
+      `create_model` sets both from the registry, their one owner.
     """
 
     num_classes: int = 1000
@@ -29,9 +31,11 @@ class ZooModel(nn.Module):
     axis_name: str | None = None
     features_only: bool = False
     out_indices: tuple[int, ...] | None = None
+    arch: str = ""
+    min_size: int = 1
 
-    def start(self, x, train: bool | None, arch: str, min_size: int):
+    def start(self, x, train: bool | None):
         """The first line of every `__call__`: checks `x` (one readable ValueError), and
         returns the call's mode (`zoo.layers.train_mode`) and its StageMaps."""
-        check_input(x, arch, self.in_channels, min_size)
+        check_input(x, self.arch or type(self).__name__, self.in_channels, self.min_size)
         return train_mode(self, train), StageMaps(self.features_only, self.out_indices)

@@ -50,18 +50,15 @@ class AlexNet(ZooModel):
     """Conv features from `cfg`, then dropout, FC 4096, dropout, FC 4096, FC classes (ReLUs).
 
     `adaptive_pool=False` is the paper's head: the input must give a 6x6 map (227x227).
-    `arch` and `min_size` are the registry name and smallest input, for the input check.
     `features_only` returns the stage maps `out_indices` of `alexnet_stages` instead of logits.
     """
 
     cfg: tuple = TORCHVISION
     adaptive_pool: bool = True
-    arch: str = "alexnet"
-    min_size: int = 63
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        train, stages = self.start(x, train, self.arch, self.min_size)
+        train, stages = self.start(x, train)
         x = x.astype(self.dtype)
         for i, layer in _sequence(self.cfg):
             name = f"features_{i}"
@@ -101,8 +98,7 @@ register_model("alexnet", AlexNet, input_size=(224, 224, 3), min_size=63, crop_s
                conversion=TorchConversion((("classifier.1", (256, 6, 6)),)),
                paper="Krizhevsky 2014, One weird trick for parallelizing convolutional neural "
                      "networks (torchvision's single-tower AlexNet)", **_INFO)
-register_model("alexnet_lrn", partial(AlexNet, cfg=KRIZHEVSKY_2012, adaptive_pool=False,
-                                      arch="alexnet_lrn", min_size=227),
+register_model("alexnet_lrn", partial(AlexNet, cfg=KRIZHEVSKY_2012, adaptive_pool=False),
                input_size=(227, 227, 3), min_size=227, crop_size=227,
                feature_info=alexnet_stages(KRIZHEVSKY_2012),
                paper="Krizhevsky, Sutskever & Hinton 2012, ImageNet classification with deep "

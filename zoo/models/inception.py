@@ -173,7 +173,7 @@ class GoogLeNet(ZooModel):
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        train, stages = self.start(x, train, "googlenet", 15)
+        train, stages = self.start(x, train)
         x = (_transform_input(x) if self.transform_input else x).astype(self.dtype)
         conv = partial(BasicConv2d, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, axis_name=self.axis_name)
@@ -324,7 +324,7 @@ class Inception3(ZooModel):
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        train, stages = self.start(x, train, "inception_v3", 75)
+        train, stages = self.start(x, train)
         x = (_transform_input(x) if self.transform_input else x).astype(self.dtype)
         conv = partial(BasicConv2d, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, axis_name=self.axis_name)

@@ -31,7 +31,7 @@ class LeNet5(ZooModel):
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        train, stages = self.start(x, train, "lenet5", 32)
+        train, stages = self.start(x, train)
         act = {"relu": nn.relu, "tanh": jnp.tanh}[self.activation]
         pool = {"max": MaxPool, "avg": AvgPool}[self.pooling]
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,

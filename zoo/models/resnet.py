@@ -108,7 +108,6 @@ class ResNet(ZooModel):
 
     `stem="imagenet"` is conv 7x7/2 + BN + ReLU + max pool 3x3/2; `stem="cifar"` a 3x3 conv +
     BN + ReLU at full resolution. `widths` are the stages' `features` (the stem has widths[0]).
-    `arch` and `min_size` are the registry name and smallest input, for the input check.
     `features_only` returns the stage maps `out_indices` of `resnet_stages` instead of logits.
     """
 
@@ -120,12 +119,10 @@ class ResNet(ZooModel):
     stem: str = "imagenet"
     shortcut: str = "B"
     zero_init_residual: bool = False
-    arch: str = "resnet18"
-    min_size: int = 32
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        train, stages = self.start(x, train, self.arch, self.min_size)
+        train, stages = self.start(x, train)
         x = x.astype(self.dtype)
         k, s = (3, 1) if self.stem == "cifar" else (7, 2)
         x = Conv(self.widths[0], (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype,
@@ -186,7 +183,7 @@ _TORCHVISION = {  # name: (block, stage sizes, width per group, groups, paper)
 }
 for _name, (_block, _sizes, _wpg, _groups, _paper) in _TORCHVISION.items():
     register_model(_name, partial(ResNet, block=_block, stage_sizes=_sizes, width_per_group=_wpg,
-                                  groups=_groups, arch=_name),
+                                  groups=_groups),
                    family="resnet", input_size=(224, 224, 3), num_classes=1000, min_size=32,
                    resize_size=256, crop_size=224, paper=_paper,
                    paper_top5_error=3.57 if _paper == _HE_2016 else None,
@@ -199,7 +196,7 @@ for _depth in (20, 32, 44, 56, 110):
     _name = f"resnet{_depth}"
     _sizes = ((_depth - 2) // 6,) * 3
     register_model(_name, partial(ResNet, stage_sizes=_sizes, widths=(16, 32, 64), stem="cifar",
-                                  shortcut="A", arch=_name, min_size=8),
+                                  shortcut="A"),
                    feature_info=resnet_stages(BasicBlock, _sizes, (16, 32, 64), "cifar"),
                    family="resnet", input_size=(32, 32, 3), num_classes=10, min_size=8,
                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),

@@ -28,7 +28,7 @@ class SimpleCNN(ZooModel):
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        train, stages = self.start(x, train, "simple_cnn", 28)
+        train, stages = self.start(x, train)
         x = x.astype(self.dtype)
         for i, width in enumerate((32, 64, 64), start=1):
             x = nn.relu(nn.Conv(width, (3, 3), padding=1, dtype=self.dtype,
@@ -74,7 +74,7 @@ class StridedCNN(ZooModel):
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        train, stages = self.start(x, train, "strided_cnn", 2 ** (len(self.widths) - 1))
+        train, stages = self.start(x, train)
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
             x = StridedConvBlock(width, self.dtype, self.param_dtype, name=f"cnn_encoder_{i}")(x)
@@ -100,4 +100,5 @@ register_model("strided_cnn", StridedCNN, family="simple", input_size=(28, 28, 1
                num_classes=10, paper="PyTorch CNN encoder of the source notes (000)",
                head=("classifier_2",),
                feature_info=tuple(FeatureInfo(f"cnn_encoder_{i}", w, 2 ** (i + 1))
-                                  for i, w in enumerate(StridedCNN.widths)), **_MNIST)
+                                  for i, w in enumerate(StridedCNN.widths)),
+               **{**_MNIST, "min_size": 2 ** (len(StridedCNN.widths) - 1)})  # five stride-2 blocks

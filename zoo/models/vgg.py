@@ -66,7 +66,6 @@ class VGG(ZooModel):
     """Conv [BN] ReLU stacks from `cfg`, then FC 4096, dropout, FC 4096, dropout, FC classes.
 
     `adaptive_pool=False` is the paper's head: the input must give a 7x7 map (224x224).
-    `arch` and `min_size` are the registry name and smallest input, for the input check.
     Initialisation is torchvision's (He fan-out convs, N(0, 0.01) dense), so the deep
     variants without BatchNorm train from scratch. `features_only` returns the stage maps
     `out_indices` of `vgg_stages` instead of logits.
@@ -75,12 +74,10 @@ class VGG(ZooModel):
     cfg: tuple = CFGS["A"]
     batch_norm: bool = False
     adaptive_pool: bool = True
-    arch: str = "vgg11"
-    min_size: int = 32
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        train, stages = self.start(x, train, self.arch, self.min_size)
+        train, stages = self.start(x, train)
         x = x.astype(self.dtype)
         for i, op in _sequence(self.cfg, self.batch_norm):
             name = f"features_{i}"
@@ -132,11 +129,11 @@ _TORCHVISION = {  # name: (column, batch norm)
 }
 _CONVERSION = TorchConversion((("classifier.0", (512, 7, 7)),))
 for _name, (_col, _bn) in _TORCHVISION.items():
-    register_model(_name, partial(VGG, cfg=CFGS[_col], batch_norm=_bn, arch=_name), min_size=32,
+    register_model(_name, partial(VGG, cfg=CFGS[_col], batch_norm=_bn), min_size=32,
                    torchvision_name=_name, conversion=_CONVERSION,
                    feature_info=vgg_stages(CFGS[_col], _bn), **_INFO)
 for _col in CFGS:
     _name = "vgg_" + _col.lower().replace("-", "_")
-    register_model(_name, partial(VGG, cfg=CFGS[_col], adaptive_pool=False, arch=_name,
-                                  min_size=224), min_size=224,
+    register_model(_name, partial(VGG, cfg=CFGS[_col], adaptive_pool=False),
+                   min_size=224,
                    feature_info=vgg_stages(CFGS[_col], False), **_INFO)
