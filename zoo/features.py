@@ -17,7 +17,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from zoo.registry import abstract_variables, create_model, model_info
+from zoo.registry import (abstract_variables, create_model, describe_differences, model_info,
+                          variable_differences)
 
 
 def _stage_listing(name: str) -> str:
@@ -111,21 +112,20 @@ def backbone_variables(name: str, variables, *, out_indices=None, **overrides) -
     classifier = create_model(name, **overrides)
     h, w, c = model_info(name).input_size
     shape = (h, w, overrides.get("in_channels", c))
-    flat = lambda tree: traverse_util.flatten_dict(tree, sep="/")
-    expected = {k: tuple(v.shape) for k, v in flat(abstract_variables(backbone, shape)).items()}
-    head = set(flat(abstract_variables(classifier, shape))) - set(expected)
-    given = flat(unfreeze(variables))
-    missing = [k for k in expected if k not in given]
-    mismatched = [f"{k} is {tuple(given[k].shape)}, the backbone needs {s}"
-                  for k, s in expected.items() if k in given and tuple(given[k].shape) != s]
-    unexpected = [k for k in given if k not in expected and k not in head]
+    expected = abstract_variables(backbone, shape)
+    missing, unexpected, mismatched = variable_differences(expected, variables,
+                                                           "the backbone needs")
+    head = set(variable_differences(expected, abstract_variables(classifier, shape))[1])
+    unexpected = [k for k in unexpected if k not in head]
     if missing or mismatched or unexpected:
-        parts = [f"{len(keys)} {kind}: {', '.join(keys[:10])}" + (" ..." if len(keys) > 10 else "")
-                 for kind, keys in (("missing", missing), ("mis-shaped", mismatched),
-                                    ("unexpected", unexpected)) if keys]
-        raise BackboneVariablesError(f"these variables do not fit the {name} backbone: "
-                                     + "; ".join(parts), missing, unexpected, mismatched)
-    return traverse_util.unflatten_dict({k: given[k] for k in expected}, sep="/")
+        raise BackboneVariablesError(
+            f"these variables do not fit the {name} backbone: "
+            + describe_differences(missing, unexpected, mismatched), missing, unexpected,
+            mismatched)
+    given = traverse_util.flatten_dict(unfreeze(variables), sep="/")
+    return traverse_util.unflatten_dict(
+        {k: given[k] for k in traverse_util.flatten_dict(unfreeze(expected), sep="/")},
+        sep="/")
 
 
 def feature_maps(model: nn.Module, variables, x, *, train: bool = False,

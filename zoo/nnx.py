@@ -17,11 +17,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.bridge import variables as bridge_variables
 
-from zoo.registry import create_model as create_linen_model, model_info
+from zoo.registry import create_model as create_linen_model
+from zoo.registry import describe_differences, model_info, variable_differences
 
 
 class Model(nnx.Module):
@@ -54,20 +54,13 @@ class Model(nnx.Module):
         """Replaces the state with linen `variables` of this architecture, strictly: any
         missing, unexpected or mis-shaped leaf is a ValueError listing them. Top-level modules
         named in `skip` (a classifier to re-train, e.g. ('fc',)) keep their current values."""
-        flat = lambda tree: {jax.tree_util.keystr(p): v
-                             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-        kept = lambda key: not any(key.startswith(f"['{c}']['{s}']") for c in
-                                   ("params", "batch_stats") for s in skip)
-        want = {k: np.shape(v) for k, v in flat(self.variables()).items() if kept(k)}
-        have = {k: np.shape(v) for k, v in flat(dict(variables)).items() if kept(k)}
-        wrong = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
-        missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
-        if wrong or missing or extra:
-            parts = [f"{len(keys)} {kind}: {', '.join(keys[:5])}" for kind, keys in
-                     (("missing", missing), ("unexpected", extra), ("mis-shaped", wrong)) if keys]
-            raise ValueError("the variables do not fit this model (" + "; ".join(parts) + ")")
-        new = {c: {m: t for m, t in tree.items() if m not in skip}
-               for c, tree in dict(variables).items() if c in ("params", "batch_stats")}
+        kept = lambda tree: {c: {m: t for m, t in dict(sub).items() if m not in skip}
+                             for c, sub in dict(tree).items()}
+        new = kept(variables)
+        differences = variable_differences(kept(self.variables()), new)
+        if any(differences):
+            raise ValueError("the variables do not fit this model ("
+                             + describe_differences(*differences, limit=5) + ")")
         nnx.update(self.linen, nnx.State(bridge_variables.linen_vars_to_nnx_attrs(
             jax.tree.map(jnp.asarray, new))))
 

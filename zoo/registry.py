@@ -228,3 +228,29 @@ def abstract_variables(model: nn.Module, input_shape) -> dict:
 def param_count(variables: Any) -> int:
     """Number of parameters in `variables['params']` (arrays or shapes)."""
     return sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(variables["params"]))
+
+
+def variable_differences(want: Any, have: Any, needs: str = "the model needs"
+                         ) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mis-shaped) of the variables `have` against the tree `want`
+    (arrays or shapes), as '/'-joined paths, `want`'s order first; each mis-shaped entry gives
+    both shapes ('params/fc/kernel is (64, 10), the model needs (64, 2)'). What every strict
+    load reports."""
+    from flax import traverse_util
+    from flax.core import unfreeze
+
+    flat = lambda tree: traverse_util.flatten_dict(unfreeze(tree), sep="/")
+    want, have = flat(want), flat(have)
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    mismatched = [f"{k} is {tuple(np.shape(have[k]))}, {needs} {tuple(np.shape(w))}"
+                  for k, w in want.items() if k in have and np.shape(have[k]) != np.shape(w)]
+    return missing, unexpected, mismatched
+
+
+def describe_differences(missing, unexpected, mismatched, limit: int = 10) -> str:
+    """'1 missing: a; 2 unexpected: b, c' (the first `limit` of each kind)."""
+    return "; ".join(f"{len(keys)} {kind}: {', '.join(keys[:limit])}"
+                     + (", ..." if len(keys) > limit else "")
+                     for kind, keys in (("missing", missing), ("unexpected", unexpected),
+                                        ("mis-shaped", mismatched)) if keys)

@@ -18,7 +18,8 @@ import numpy as np
 from flax import traverse_util
 
 from zoo import parallel
-from zoo.registry import abstract_variables, model_info
+from zoo.registry import (abstract_variables, describe_differences, model_info,
+                          variable_differences)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -121,25 +122,14 @@ def load(config, model) -> tuple[dict, str | None]:
         note = (f"note: --init-from {source.name}: {config.model}'s head "
                 f"({', '.join(model_info(config.model).head)}) "
                 f"re-initialised for {config.num_classes} classes (source had {classes})")
-    _check(have, want, source.name, config)
-    return traverse_util.unflatten_dict(have), note
-
-
-def _check(have: dict, want: dict, name: str, config) -> None:
-    key = "/".join
-    missing = sorted(key(k) for k in want if k not in have)
-    unexpected = sorted(key(k) for k in have if k not in want)
-    shaped = sorted(f"{key(k)} is {tuple(np.shape(have[k]))}, the run needs "
-                    f"{tuple(want[k].shape)}" for k in want
-                    if k in have and tuple(np.shape(have[k])) != tuple(want[k].shape))
-    if missing or unexpected or shaped:
-        parts = [f"{len(keys)} {kind}: {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
-                 for kind, keys in (("missing", missing), ("unexpected", unexpected),
-                                    ("mis-shaped", shaped)) if keys]
+    have, want = traverse_util.unflatten_dict(have), traverse_util.unflatten_dict(want)
+    differences = variable_differences(want, have, "the run needs")
+    if any(differences):
         size = "x".join(map(str, config.image_shape))
-        raise ValueError(f"--init-from {name} does not fit {config.model} as this run builds "
-                         f"it ({size} input, {config.num_classes} classes): "
-                         + "; ".join(parts))
+        raise ValueError(f"--init-from {source.name} does not fit {config.model} as this run "
+                         f"builds it ({size} input, {config.num_classes} classes): "
+                         + describe_differences(*(sorted(d) for d in differences), limit=8))
+    return have, note
 
 
 def apply(state, variables: dict, sharding):
