@@ -140,9 +140,8 @@ def main(argv=None) -> int:
         final = training.train(config)
     except ValueError as e:  # bad flags, missing/damaged data, checkpoints, workdir in use
         return error(e)
-    except FloatingPointError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+    except FloatingPointError as e:  # diverged
+        return error(e, 1)
     except training.Interrupted as e:
         print(f"stopped by {e}", file=sys.stderr)
         return 128 + e.signum

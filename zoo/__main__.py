@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"list": _list, "summary": _summary}[args.command](args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from zoo.cli import error
+
+        return error(e)
 
 
 if __name__ == "__main__":

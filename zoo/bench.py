@@ -578,8 +578,9 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except (ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from zoo.cli import error
+
+        return error(e)
     line = json.dumps(result)
     print(line, flush=True)
     if args.output:

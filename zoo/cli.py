@@ -29,10 +29,10 @@ def image_size_arg(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def error(e: BaseException) -> int:
-    """Prints `e` as one `error:` line on stderr; returns exit status 2 (bad input)."""
+def error(e: BaseException, status: int = 2) -> int:
+    """Prints `e` as one `error:` line on stderr; returns `status` (2: bad input)."""
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
+    return status
 
 
 def data(argv: list[str]) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -220,7 +219,8 @@ def cli(argv: list[str]) -> int:
                     num_examples=args.index + 1, data_dir=args.data_dir)
                 plot_feature_maps(model, variables, batch["image"][0], args.out)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from zoo.cli import error
+
+        return error(e)
     print(args.out)
     return 0
