@@ -2,8 +2,9 @@
 # The CPU table of the README: zoo vs torch eager, side by side in one process per run.
 #   bash benchmarks/cpu.sh [OUT.jsonl]     (default benchmarks/results/cpu_<date>.jsonl)
 # simple_cnn, lenet5, resnet20 and resnet18 at 64 px, train and infer, batch 64 and 128, on the
-# default one host device; then the train runs again on one host device per core
-# (--xla_force_host_platform_device_count, the batch split over them by the bench's jit path).
+# default one host device; then simple_cnn's and resnet20's train runs again on one host device
+# per core (--xla_force_host_platform_device_count, the batch split over them by the bench's jit
+# path; lenet5 is left out: its all-reduce deadlocks there, see the README).
 # Each line is the bench's JSON plus "xla_flags" and "cpu".
 set -u
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ for bs in 64 128; do
   done
 done
 for bs in 64 128; do
-  for m in simple_cnn lenet5 resnet20; do
+  for m in simple_cnn resnet20; do
     bench "--xla_force_host_platform_device_count=$(nproc)" $m --mode train --batch-size $bs
   done
 done

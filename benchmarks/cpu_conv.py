@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zoo.parallel import compiler_options
+
 SHAPES = [(32, 1, 512), (32, 2, 512), (32, 2, 256), (32, 4, 256), (32, 4, 512), (8, 7, 512),
           (32, 8, 128), (128, 8, 64), (128, 32, 16)]
 
@@ -32,7 +34,7 @@ def xla_conv(x, w):
 
 
 def ms(fn, *args, repeats: int = 5) -> float:
-    fn = jax.jit(fn)
+    fn = jax.jit(fn, compiler_options=compiler_options())  # as the zoo compiles on CPU
     jax.block_until_ready(fn(*args))
     t = time.perf_counter()
     for _ in range(repeats):
@@ -42,7 +44,8 @@ def ms(fn, *args, repeats: int = 5) -> float:
 
 
 def main() -> None:
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
+          f"compiler options {compiler_options()}")
     print("| batch x map x channels | XLA fwd ms | matmul fwd ms | XLA fwd+bwd ms | "
           "matmul fwd+bwd ms |\n|---|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)

@@ -1,14 +1,17 @@
-"""The CPU fast paths of zoo.layers compute what the plain lax ops compute: max pooling's
-values and gradients (ties included) for the windows, strides, paddings, odd sizes and dtypes
-the models use."""
+"""The CPU fast paths compute what the plain lax ops compute: max pooling's values and
+gradients (ties included) for the windows, strides, paddings, odd sizes and dtypes the models
+use, and the zoo's CPU compiler options (`zoo.parallel.compiler_options`) the same
+convolutions and train step as XLA's defaults."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax import lax
 
-from zoo import layers
+import zoo
+from zoo import layers, parallel, training
 
 # (H, W, window, stride, padding, ceil_mode): simple_cnn/VGG/LeNet 2x2 (even and odd maps,
 # 7 -> 3 drops a row), AlexNet's and ResNet's 3x3/2 (pad 0 and 1), GoogLeNet's ceil_mode pools
@@ -60,3 +63,63 @@ def test_max_pool_on_cpu_has_no_select_and_scatter():
     grad = jax.grad(lambda x: layers.MaxPool(2).apply({}, x).sum())
     jaxpr = str(jax.make_jaxpr(grad)(x))
     assert ("select_and_scatter" in jaxpr) != (jax.default_backend() == "cpu")
+
+
+# (H, Cin, Cout, kernel, stride, padding) of the convolutions the models run: simple_cnn's
+# one-channel 3x3, LeNet's 5x5 valid, ResNet's 7x7/2 stem, 3x3/2, 1x1 projections
+CONVS = [(28, 1, 8, 3, 1, 1), (32, 1, 6, 5, 1, 0), (32, 3, 8, 7, 2, 3), (15, 8, 16, 3, 2, 1),
+         (9, 16, 8, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("h, cin, cout, k, stride, pad", CONVS)
+def test_cpu_compiler_options_compute_the_same_convolutions(h, cin, cout, k, stride, pad):
+    """Values and both gradients of a convolution compiled with the zoo's CPU options equal
+    XLA's defaults exactly: small integers keep every sum exact in float32 whatever the
+    kernel's summation order."""
+    rng = np.random.default_rng(h + k)
+    x = jnp.asarray(rng.integers(-3, 4, (2, h, h, cin)), jnp.float32)
+    w = jnp.asarray(rng.integers(-3, 4, (k, k, cin, cout)), jnp.float32)
+    conv = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad)] * 2,
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def value_and_grads(x, w):
+        y, vjp = jax.vjp(conv, x, w)
+        return (y, *vjp(jnp.round(y / 16)))  # integer cotangents
+
+    opts = parallel.compiler_options()
+    fast = jax.jit(value_and_grads, compiler_options=opts)
+    assert "ynn_fusion" not in fast.lower(x, w).compile().as_text()
+    for a, b in zip(fast(x, w), jax.jit(value_and_grads)(x, w)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_compiler_options_are_cpu_only_and_yield_to_xla_flags(monkeypatch):
+    accepted = parallel._cpu_options_accepted()
+    assert parallel.compiler_options() == (parallel.CPU_COMPILER_OPTIONS if accepted else None)
+
+    class Gpu:
+        platform = "gpu"
+
+    assert parallel.compiler_options([Gpu()]) is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert parallel.compiler_options() is None  # the user's explicit choice wins
+
+
+def test_train_step_under_cpu_options_updates_as_under_xla_defaults():
+    """One simple_cnn step through `parallel.jit_step` (the loop's and the bench's) and through
+    a plain `jax.jit`: the same loss and parameters up to float32 summation order."""
+    model = zoo.create_model("simple_cnn")
+    tx = training.make_optimizer(training.Recipe("momentum", lr=0.1),
+                                 optax.constant_schedule(0.1))
+    state = training.create_train_state(model, tx, (28, 28, 1))
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 8)), "mask": jnp.ones((8,), bool)}
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    fast = parallel.jit_step(training.train_step, mesh, donate=False)
+    assert "ynn_fusion" not in fast.lower(state, batch).compile().as_text()
+    (s1, m1), (s2, m2) = fast(state, batch), jax.jit(training.train_step)(state, batch)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+    # p - lr * g: the gradients' rounding differences are far below float32's 1e-5 of p
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 s1.params, s2.params)

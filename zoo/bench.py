@@ -198,7 +198,8 @@ def zoo_timer(name: str, mode: str, batch_size: int, dtype: str, input_shape, nu
             jax.random.key(seed + 1), jnp.zeros(sample.shape, sample.dtype), train=False)),
             out_shardings=(split, replicated))()
         jitted = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                         in_shardings=(replicated, split), out_shardings=split)
+                         in_shardings=(replicated, split), out_shardings=split,
+                         compiler_options=parallel.compiler_options(devices))
 
         def step():
             return jitted(variables, batch["image"])
@@ -539,7 +540,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **zoo_t.summary(batch_size, step_flops, peak), flops_per_image=fwd,
             step_flops_per_image=step_flops, peak_tflops=peak,
             peak_memory_bytes=_jax_peak_memory(devices), donate=not args.no_donate,
-            remat=args.remat, jax_version=jax.__version__)
+            remat=args.remat, jax_version=jax.__version__,
+            compiler_options=zoo.parallel.compiler_options(devices))
     else:
         result.update(flops_per_image=fwd, step_flops_per_image=step_flops)
     if torch_info is not None:

@@ -128,18 +128,50 @@ def check_batch_size(global_batch_size: int, num_devices: int | None = None) -> 
 
 # ---------------------------------------------------------------- compiled steps
 
+# XLA:CPU hands convolutions to YNNPACK fusions by default, which keep about one of the cores
+# busy on these models; with those fusions off, XLA's own (Eigen) convolutions run on every
+# core. The README's "Speed" section has the measurements; the arithmetic is the same up to
+# float rounding order.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def _cpu_options_accepted() -> bool:
+    """Whether this jaxlib knows the CPU options (older ones have no YNNPACK and reject them)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+            np.float32(0)).compile()
+    except Exception:  # noqa: BLE001  (jaxlib raises its own runtime error type)
+        return False
+    return True
+
+
+def compiler_options(devices=None) -> dict | None:
+    """The XLA options every program the zoo compiles for `devices` (default: all) gets:
+    `CPU_COMPILER_OPTIONS` on CPU, none elsewhere, and none where XLA_FLAGS already sets
+    the YNNPACK fusions (an explicit choice wins). Pass it to your own `jax.jit` as
+    `compiler_options=` to get the same speed."""
+    devices = jax.devices() if devices is None else list(devices)
+    if (jax.default_backend() != "cpu" or any(d.platform != "cpu" for d in devices)
+            or "ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")):
+        return None
+    return dict(CPU_COMPILER_OPTIONS) if _cpu_options_accepted() else None
+
+
 def jit_step(step_fn: Callable, mesh: Mesh, donate: bool = True) -> Callable:
     """`step_fn(state, batch)` compiled with the state replicated, the batch split on 'data'
     and the incoming state's buffers donated (updated in place; `bench --no-donate` turns
-    that off to measure what it saves)."""
+    that off to measure what it saves), with `compiler_options` of the mesh's devices."""
     rep, split = shardings(mesh)
     return jax.jit(step_fn, in_shardings=(rep, split), out_shardings=(rep, rep),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (),
+                   compiler_options=compiler_options(mesh.devices.flat))
 
 
 def pmap_step(step_fn: Callable) -> Callable:
     """`step_fn(state, batch, axis_name='batch')` mapped over this process's devices, the
-    incoming state donated."""
+    incoming state donated. `jax.pmap` takes no compiler options: this path compiles with
+    XLA's defaults (set XLA_FLAGS for the CPU ones)."""
     return jax.pmap(functools.partial(step_fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
                     donate_argnums=(0,))
 
