@@ -9,7 +9,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/cpu_$(date +%Y-%m-%d).jsonl}
-PY=${PY:-python}
+PY=${PY:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python)}  # the project venv where there is one
 CPU="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
 export TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
 bench() {  # XLA_FLAGS, then bench arguments

@@ -1,6 +1,6 @@
 """One host device against one per core for the zoo's CPU train step, interleaved in one process.
 
-    python benchmarks/host_devices.py [--models simple_cnn lenet5 resnet20] [--batch-sizes 64 128]
+    python benchmarks/host_devices.py [--models simple_cnn resnet20] [--batch-sizes 64 128]
 
 Starts JAX with `--xla_force_host_platform_device_count=<cores>` and times, for each model and
 batch, the bench's train step on a mesh of the first device alone and on a mesh of all of them
@@ -10,9 +10,7 @@ interleaved so that a loaded machine slows both alike. `ratio` is the median per
 """
 
 import argparse
-import json
 import os
-import statistics
 
 CORES = os.cpu_count()
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -28,7 +26,7 @@ from zoo import bench  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["simple_cnn", "lenet5", "resnet20"])
+    p.add_argument("--models", nargs="+", default=["simple_cnn", "resnet20"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128])
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--output")
@@ -39,19 +37,11 @@ def main() -> None:
             timers = [bench.zoo_timer(name, "train", bs, "float32", info.input_size,
                                       info.num_classes, devices=d)[0].start(None, 1, 1.0)
                       for d in (jax.devices()[:1], jax.devices())]
-            for _ in range(args.windows):
-                for t in timers:
-                    t.window()
+            bench.interleave(timers, args.windows)
             one, many = (t.summary(bs, None, None) for t in timers)
-            line = json.dumps(dict(
-                bench="host_devices", model=name, mode="train", batch_size=bs,
-                devices=len(jax.devices()), one_device=one, all_devices=many,
-                ratio=round(statistics.median(a / b for a, b in zip(timers[0].times,
-                                                                      timers[1].times)), 4)))
-            print(line, flush=True)
-            if args.output:
-                with open(args.output, "a") as f:
-                    f.write(line + "\n")
+            bench.emit(dict(bench="host_devices", model=name, mode="train", batch_size=bs,
+                            devices=len(jax.devices()), one_device=one, all_devices=many,
+                            ratio=bench.speed_ratio(*timers)), args.output)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,9 @@ slows both alike; `ratio` is the median of the per-window zoo / plain images/s.
 
 import argparse
 import functools
-import json
-import statistics
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from zoo import bench
@@ -67,20 +64,12 @@ def main() -> None:
     args = p.parse_args()
     zoo_t, _ = bench.zoo_timer("simple_cnn", "train", args.batch_size, "float32", (28, 28, 1), 10)
     timers = [zoo_t.start(None, 1, 1.0), plain_timer(args.batch_size).start(None, 1, 1.0)]
-    for _ in range(args.windows):
-        for t in timers:
-            t.window()
-    out = dict(bench="plain_flax", model="simple_cnn", mode="train", batch_size=args.batch_size,
-               devices=jax.device_count(), jax_version=jax.__version__,
-               zoo=zoo_t.summary(args.batch_size, None, None),
-               plain=timers[1].summary(args.batch_size, None, None),
-               ratio=round(statistics.median(p / z for z, p in zip(zoo_t.times,
-                                                                   timers[1].times)), 4))
-    line = json.dumps(out)
-    print(line)
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write(line + "\n")
+    bench.interleave(timers, args.windows)
+    bench.emit(dict(bench="plain_flax", model="simple_cnn", mode="train",
+                    batch_size=args.batch_size, devices=jax.device_count(),
+                    jax_version=jax.__version__, zoo=zoo_t.summary(args.batch_size, None, None),
+                    plain=timers[1].summary(args.batch_size, None, None),
+                    ratio=bench.speed_ratio(timers[1], zoo_t)), args.output)
 
 
 if __name__ == "__main__":

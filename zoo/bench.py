@@ -127,6 +127,28 @@ class Timer:
                     window_step_ms=[round(t * 1e3, 4) for t in self.times])
 
 
+def emit(record: dict, output: str | None = None) -> None:
+    """Prints `record` as one JSON line, and appends it to the JSONL file `output` if given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if output:
+        with open(output, "a") as f:
+            f.write(line + "\n")
+
+
+def interleave(timers: list[Timer], windows: int) -> None:
+    """Runs `windows` rounds of one window of each started Timer in turn (a, b, a, b, ...)."""
+    for _ in range(windows):
+        for t in timers:
+            t.window()
+
+
+def speed_ratio(base: Timer, other: Timer) -> float:
+    """Median of the per-window `other` / `base` speeds of interleaved windows: robust to a
+    busy spell, which slows the two windows of a round alike."""
+    return round(statistics.median(b / o for b, o in zip(base.times, other.times)), 4)
+
+
 def _rates(batch_size: int, step_s: float, step_flops: float | None,
            peak: float | None) -> dict[str, Any]:
     ips = batch_size / step_s
@@ -523,10 +545,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         zoo_t, devices = zoo_timer(args.model, donate=not args.no_donate, remat=args.remat,
                                    **common)
         start(zoo_t)
-    # interleaved windows: zoo, torch eager, torch.compile, zoo, ...
-    for _ in range(windows):
-        for t in ([zoo_t] if zoo_t else []) + timers:
-            t.window()
+    interleave(([zoo_t] if zoo_t else []) + timers, windows)  # zoo, eager, compile, zoo, ...
     if args.trace and zoo_t:  # one more window under the profiler, outside the timed ones
         with jax.profiler.trace(args.trace):
             zoo_t.window()
@@ -554,9 +573,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             torch_info[key] = t and t.summary(batch_size, step_flops, torch_peak)
             if not zoo_t:
                 continue
-            # median of the per-window ratios of interleaved windows (robust to a busy spell)
-            result[f"ratio_vs_torch_{key}"] = t and round(statistics.median(
-                tt / tz for tz, tt in zip(zoo_t.times, t.times)), 4)
+            result[f"ratio_vs_torch_{key}"] = t and speed_ratio(t, zoo_t)
             # the same from each side's fastest window (the least disturbed one)
             result[f"best_ratio_vs_torch_{key}"] = t and round(
                 min(t.times) / min(zoo_t.times), 4)
@@ -583,11 +600,7 @@ def cli(argv: list[str] | None = None) -> int:
         from zoo.cli import error
 
         return error(e)
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write(line + "\n")
+    emit(result, args.output)
     return 0
 
 

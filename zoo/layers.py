@@ -76,9 +76,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """`lax.conv_general_dilated`, except for NHWC convolutions with at most 2x2 outputs on CPU,
     which are computed as one matmul over the input's patches (same sum, same parameters).
 
-    XLA:CPU's convolution falls off a cliff on such tiny maps: a 3x3, 512-channel conv on a 2x2
-    map of 32 images takes 205 ms forward there against 5 ms as a matmul (see
-    benchmarks/cpu_conv.py). They are what ResNet's and VGG's last stage see at 32-64 px inputs.
+    XLA:CPU's convolution falls off a cliff on such tiny maps, which are what ResNet's and VGG's
+    last stage see at 32-64 px inputs (`benchmarks/cpu_conv.py` measures it; README, Benchmarks).
     """
     geometry = _matmul_geometry(lhs, rhs, window_strides, padding,
                                 (lhs_dilation or ()) + (rhs_dilation or ()), dimension_numbers,
