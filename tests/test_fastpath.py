@@ -105,6 +105,16 @@ def test_compiler_options_are_cpu_only_and_yield_to_xla_flags(monkeypatch):
     assert parallel.compiler_options() is None  # the user's explicit choice wins
 
 
+def test_compiler_options_fall_back_where_jaxlib_rejects_them(monkeypatch):
+    """An older (or newer) jaxlib that does not know the option compiles with its defaults."""
+    monkeypatch.setattr(parallel, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": True})
+    parallel._cpu_options_accepted.cache_clear()
+    try:
+        assert parallel.compiler_options() is None
+    finally:
+        parallel._cpu_options_accepted.cache_clear()
+
+
 def test_train_step_under_cpu_options_updates_as_under_xla_defaults():
     """One simple_cnn step through `parallel.jit_step` (the loop's and the bench's) and through
     a plain `jax.jit`: the same loss and parameters up to float32 summation order."""
