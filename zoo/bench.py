@@ -219,9 +219,8 @@ def zoo_timer(name: str, mode: str, batch_size: int, dtype: str, input_shape, nu
         batch, variables = jax.jit(lambda: (synthetic_batch(), model.init(
             jax.random.key(seed + 1), jnp.zeros(sample.shape, sample.dtype), train=False)),
             out_shardings=(split, replicated))()
-        jitted = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                         in_shardings=(replicated, split), out_shardings=split,
-                         compiler_options=parallel.compiler_options(devices))
+        jitted = parallel.jit(lambda v, x: model.apply(v, x, train=False), devices,
+                              in_shardings=(replicated, split), out_shardings=split)
 
         def step():
             return jitted(variables, batch["image"])

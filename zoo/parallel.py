@@ -158,14 +158,19 @@ def compiler_options(devices=None) -> dict | None:
     return dict(CPU_COMPILER_OPTIONS) if _cpu_options_accepted() else None
 
 
+def jit(fun: Callable, devices=None, **kwargs) -> Callable:
+    """`jax.jit(fun, **kwargs)` with the `compiler_options` of `devices` (default: all): how
+    every program of the zoo is compiled."""
+    return jax.jit(fun, compiler_options=compiler_options(devices), **kwargs)
+
+
 def jit_step(step_fn: Callable, mesh: Mesh, donate: bool = True) -> Callable:
     """`step_fn(state, batch)` compiled with the state replicated, the batch split on 'data'
     and the incoming state's buffers donated (updated in place; `bench --no-donate` turns
-    that off to measure what it saves), with `compiler_options` of the mesh's devices."""
+    that off to measure what it saves), compiled by `jit` for the mesh's devices."""
     rep, split = shardings(mesh)
-    return jax.jit(step_fn, in_shardings=(rep, split), out_shardings=(rep, rep),
-                   donate_argnums=(0,) if donate else (),
-                   compiler_options=compiler_options(mesh.devices.flat))
+    return jit(step_fn, mesh.devices.flat, in_shardings=(rep, split), out_shardings=(rep, rep),
+               donate_argnums=(0,) if donate else ())
 
 
 def pmap_step(step_fn: Callable) -> Callable:

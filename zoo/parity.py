@@ -139,10 +139,10 @@ def logits_parity(name: str, *, size: int | None = None, batch: int = 2, seed: i
     with torch.no_grad():
         ref = tv_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     model = create_model(name, **kwargs)
-    from zoo.parallel import compiler_options
+    from zoo import parallel
 
-    out = np.asarray(jax.jit(lambda v, a: model.apply(v, a, train=False),
-                             compiler_options=compiler_options(jax.devices()[:1]))(variables, x))
+    out = np.asarray(parallel.jit(lambda v, a: model.apply(v, a, train=False),
+                                  jax.devices()[:1])(variables, x))
     diff = float(np.abs(out - ref).max())
     scale = float(np.abs(ref).max())
     return {"model": name, "input": [batch, size, size, 3], "max_abs_diff": diff,

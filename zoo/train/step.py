@@ -156,12 +156,11 @@ def evaluate(model, variables: dict, batches: Iterable[dict], progress=None, mes
         rep, split = parallel.shardings(mesh)
         variables = jax.device_put(variables, rep) if jax.process_count() == 1 else \
             parallel.replicated(variables, rep)
-        step = jax.jit(fn, in_shardings=(rep, split), out_shardings=rep,
-                       compiler_options=parallel.compiler_options(mesh.devices.flat))
+        step = parallel.jit(fn, mesh.devices.flat, in_shardings=(rep, split),
+                            out_shardings=rep)
         place = lambda b: parallel.global_batch(b, split)
     else:
-        step = jax.jit(fn, compiler_options=parallel.compiler_options(jax.devices()[:1]))
-        place = lambda b: b
+        step, place = parallel.jit(fn, jax.devices()[:1]), lambda b: b
     totals = None
     for batch in batches:
         sums = step(variables, place(batch))
