@@ -156,38 +156,50 @@ def max_pool(x, window: int, stride: int, pads: tuple[tuple[int, int], ...]):
     `select_and_scatter_add`: each window's cotangent goes to its first maximum in row-major
     order (ties included: ReLU zeros tie all the time), summed where windows overlap. XLA:CPU
     expands `select_and_scatter` into iotas, a variadic reduce-window and a scatter, which
-    dominates a small CNN's train step; here both passes are compares, selects and strided
-    pads that XLA fuses into loops (benchmarks/cpu_pool.py).
+    dominates a small CNN's train step. Here the forward pass also keeps, per window, the
+    position of that first maximum (one int8 per output), and the backward pass only compares
+    positions: for windows that tile the input (stride = window) it is one broadcast select
+    reshaped to the input, otherwise one strided pad per window position, all fused into loops
+    (benchmarks/cpu_pool.py).
     """
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
-    out = [conv_output_size(n, window, stride, 0, rounding="floor") for n in xp.shape[1:3]]
-    return functools.reduce(jnp.maximum, _window_views(xp, window, stride, out))
+    return _max_pool_fwd(x, window, stride, pads)[0]
 
 
 def _max_pool_fwd(x, window, stride, pads):
-    y = max_pool(x, window, stride, pads)
-    return y, (x, y)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    out = [conv_output_size(n, window, stride, 0, rounding="floor") for n in xp.shape[1:3]]
+    views = _window_views(xp, window, stride, out)
+    y = functools.reduce(jnp.maximum, views)
+    positions = window * window
+    first = jnp.full(y.shape, positions, jnp.int8 if positions < 128 else jnp.int32)
+    for k in reversed(range(positions)):  # no match (a NaN window) leaves `positions`: no grad
+        first = jnp.where(views[k] == y, jnp.asarray(k, first.dtype), first)
+    return y, (first, x.shape)
 
 
 def _max_pool_bwd(window, stride, pads, residuals, g):
-    x, y = residuals
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
-    out = y.shape[1:3]
-    acc = jnp.promote_types(g.dtype, jnp.float32)  # overlapping windows' sums round once
-    zero = jnp.zeros((), acc)
-    taken = jnp.zeros(y.shape, bool)
-    dxp = jnp.zeros(xp.shape, acc)
-    for k, view in enumerate(_window_views(xp, window, stride, out)):
-        i, j = divmod(k, window)
-        first = (view == y) & ~taken  # the first maximum of each window so far
-        taken = taken | first
-        dxp = dxp + lax.pad(jnp.where(first, g.astype(acc), zero), zero, (
-            (0, 0, 0),
-            (i, xp.shape[1] - i - stride * (out[0] - 1) - 1, stride - 1),
-            (j, xp.shape[2] - j - stride * (out[1] - 1) - 1, stride - 1),
-            (0, 0, 0)))
-    (top, _), (left, _) = pads
-    return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]].astype(g.dtype),)
+    first, (n, h, w, c) = residuals
+    (top, bottom), (left, right) = pads
+    hp, wp = h + top + bottom, w + left + right
+    ho, wo = first.shape[1:3]
+    if stride == window:  # the windows tile the padded input: no overlap, no sums
+        k = jnp.arange(window * window, dtype=first.dtype).reshape(window, window)
+        picked = first[:, :, None, :, None] == k[None, None, :, None, :, None]
+        dxp = jnp.where(picked, g[:, :, None, :, None], jnp.zeros((), g.dtype))
+        dxp = jnp.pad(dxp.reshape(n, ho * window, wo * window, c),
+                      ((0, 0), (0, hp - ho * window), (0, wp - wo * window), (0, 0)))
+    else:
+        acc = jnp.promote_types(g.dtype, jnp.float32)  # overlapping windows' sums round once
+        zero = jnp.zeros((), acc)
+        dxp = jnp.zeros((n, hp, wp, c), acc)
+        for k in range(window * window):
+            i, j = divmod(k, window)
+            dxp = dxp + lax.pad(jnp.where(first == k, g.astype(acc), zero), zero, (
+                (0, 0, 0),
+                (i, hp - i - stride * (ho - 1) - 1, stride - 1),
+                (j, wp - j - stride * (wo - 1) - 1, stride - 1),
+                (0, 0, 0)))
+    return (dxp[:, top:top + h, left:left + w].astype(g.dtype),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

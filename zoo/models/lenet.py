@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import AvgPool, Flatten, MaxPool
+from zoo.layers import AvgPool, Conv, Flatten, MaxPool
 from zoo.models import ZooModel
 from zoo.registry import FeatureInfo, register_model
 
@@ -38,13 +38,13 @@ class LeNet5(ZooModel):
                                          name=name)
         x = x.astype(self.dtype)
         for name, width in (("c1", 6), ("c3", 16)):
-            x = act(nn.Conv(width, (5, 5), padding=0, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name)(x))
+            x = act(Conv(width, (5, 5), padding=0, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=name)(x))
             if stages.add(x):
                 return stages.output()
             x = pool(2, name={"c1": "s2", "c3": "s4"}[name])(x)
-        x = act(nn.Conv(120, (5, 5), padding=0, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="c5")(x))
+        x = act(Conv(120, (5, 5), padding=0, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="c5")(x))
         if self.features_only:
             stages.add(x)
             return stages.output()

@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import Flatten, GlobalAvgPool, MaxPool
+from zoo.layers import Conv, Flatten, GlobalAvgPool, MaxPool
 from zoo.models import ZooModel
 from zoo.registry import FeatureInfo, register_model
 
@@ -31,8 +31,8 @@ class SimpleCNN(ZooModel):
         train, stages = self.start(x, train)
         x = x.astype(self.dtype)
         for i, width in enumerate((32, 64, 64), start=1):
-            x = nn.relu(nn.Conv(width, (3, 3), padding=1, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name=f"conv{i}")(x))
+            x = nn.relu(Conv(width, (3, 3), padding=1, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name=f"conv{i}")(x))
             if stages.add(x):
                 return stages.output()
             x = MaxPool(2, name=f"pool{i}")(x)
@@ -56,8 +56,8 @@ class StridedConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda s, name: nn.Conv(self.features, (3, 3), strides=s, padding=1,
-                                       dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        conv = lambda s, name: Conv(self.features, (3, 3), strides=s, padding=1,
+                                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         x = nn.relu(conv(1, "conv1")(x))
         return nn.relu(conv(2, "conv2")(x))
 
