@@ -1,8 +1,9 @@
 """The CPU fast paths compute what the plain lax ops compute: max pooling's values and
 gradients (ties included) for the windows, strides, paddings, odd sizes and dtypes the models
-use, and the zoo's CPU compiler options (`zoo.parallel.compiler_options`) the same
+use, BatchNorm's matmul statistics what flax's BatchNorm computes, and the zoo's CPU compiler options (`zoo.parallel.compiler_options`) the same
 convolutions and train step as XLA's defaults."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +64,72 @@ def test_max_pool_on_cpu_has_no_select_and_scatter():
     grad = jax.grad(lambda x: layers.MaxPool(2).apply({}, x).sum())
     jaxpr = str(jax.make_jaxpr(grad)(x))
     assert ("select_and_scatter" in jaxpr) != (jax.default_backend() == "cpu")
+
+
+# (N, H, W, C) of BatchNorm inputs: ResNet-20's stages, an odd map, a dense (N, C) input
+NORMS = [(8, 8, 8, 16), (4, 7, 5, 32), (2, 3, 3, 64), (16, 24)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", NORMS)
+def test_batch_norm_equals_flax(shape, dtype):
+    """zoo's BatchNorm (matmul statistics on CPU) against flax's: the same variables, outputs,
+    running statistics and gradients of x, scale and bias, in training and evaluation."""
+    rng = np.random.default_rng(len(shape) + shape[-1])
+    x = jnp.asarray(rng.normal(1.0, 3.0, shape), dtype)
+    kw = dict(momentum=0.9, epsilon=1e-5, dtype=dtype)
+    ours, flax_bn = layers.BatchNorm(**kw), nn.BatchNorm(**kw)
+    variables = flax_bn.init(jax.random.key(0), x, use_running_average=False)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x, use_running_average=False)) \
+        == jax.tree.map(jnp.shape, variables)
+    variables = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(0, 0.1, v.shape), v.dtype),
+                             variables)
+    weights = jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32)
+
+    def run(module, train):
+        def loss(params, x):
+            y, new = module.apply({**variables, "params": params}, x, use_running_average=not train,
+                                  mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights), (y, new)
+        (_, (y, new)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+            variables["params"], x)
+        return y, new, grads
+
+    count = x.size // shape[-1]
+    for train in (True, False):
+        got, want = run(ours, train), run(flax_bn, train)
+        assert jax.tree.map(lambda a: a.dtype, got) == jax.tree.map(lambda a: a.dtype, want)
+        # float32: sums of `count` terms in another order differ by at most count * 2^-24 of
+        # their magnitude; bfloat16 outputs may round to neighbouring values (2^-8) and the
+        # cotangents built on them move by a few of those steps
+        tol = count * 2.0 ** -24 * 16 if dtype == jnp.float32 else 2.0 ** -6
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(np.abs(b).max(), 1e-30))
+
+
+def test_batch_norm_statistics_on_cpu_are_matmuls():
+    """On CPU the training forward and backward reduce only through matmuls; evaluation and a
+    pmap axis (flax's named-axis means) keep flax's BatchNorm."""
+    x = jnp.ones((4, 8, 8, 16))
+
+    def ops(module, train, axis_name=None):
+        variables = module.init(jax.random.key(0), x, use_running_average=True)
+
+        def forward_backward(x):
+            y, vjp = jax.vjp(lambda x: module.apply(variables, x, use_running_average=not train,
+                                                    mutable=["batch_stats"])[0], x)
+            return vjp(y)
+        if axis_name:
+            return str(jax.make_jaxpr(jax.pmap(forward_backward, axis_name))(x[None]))
+        return str(jax.make_jaxpr(forward_backward)(x))
+
+    cpu = jax.default_backend() == "cpu"
+    train = ops(layers.BatchNorm(), True)
+    assert ("reduce_sum" not in train and "dot_general" in train) == cpu
+    assert "reduce_sum" in ops(nn.BatchNorm(), True)
+    assert "dot_general" not in ops(layers.BatchNorm(), False)
+    assert "psum" in ops(layers.BatchNorm(axis_name="b"), True, "b")
 
 
 # (H, Cin, Cout, kernel, stride, padding) of the convolutions the models run: simple_cnn's

@@ -50,7 +50,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     import flax.linen as nn, jax, numpy as np, optax
     import train, zoo
     from conftest import assert_same_update
-    from zoo import parallel, training
+    from zoo import layers, parallel, training
 
     assert jax.device_count() == 8
 
@@ -59,8 +59,8 @@ EIGHT_DEVICES = textwrap.dedent("""
         @nn.compact
         def __call__(self, x, train=False):
             x = nn.Conv(8, (3, 3), padding=1, use_bias=False)(x)  # BN follows
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                             axis_name=self.axis_name)(x)
+            x = layers.BatchNorm(use_running_average=not train, momentum=0.9,  # jit: zoo's
+                                 axis_name=self.axis_name)(x)                  # pmap: flax's
             return nn.Dense(10)(nn.relu(x).mean(axis=(1, 2)))
 
     rng = np.random.default_rng(0)

@@ -282,6 +282,80 @@ class Flatten(nn.Module):
         return x.reshape(x.shape[0], -1)
 
 
+def channel_sums(x):
+    """Sums of an (..., C) array over all but its last axis, as a (1, M) x (M, C) matmul.
+
+    XLA:CPU rewrites such a reduction into a reduce-window whose loop is several times slower
+    than the matmul (`benchmarks/cpu_norm.py`); the matmul sums the same terms in
+    another order."""
+    x2 = x.reshape(-1, x.shape[-1])
+    ones = jnp.ones((1, x2.shape[0]), x2.dtype)
+    return lax.dot(ones, x2, precision=lax.Precision.HIGHEST)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+    """(y, mean, var) of training-mode BatchNorm over every axis but the last of float32 `x`:
+    flax's `nn.BatchNorm` statistics (the fast variance E[x^2] - E[x]^2, clipped at 0) and
+    normalisation, with every reduction, forward and backward, a `channel_sums` matmul."""
+    return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+    count = x.size // x.shape[-1]
+    mean = channel_sums(x) / count
+    var = jnp.maximum(0.0, channel_sums(x * x) / count - mean * mean)
+    inv = lax.rsqrt(var + epsilon)
+    y = (x - mean) * (inv * scale) + bias
+    return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+    x, mean, inv, scale = residuals
+    dy, dmean, dvar = cotangents
+    count = x.size // x.shape[-1]
+    xhat = (x - mean) * inv
+    dbias, dscale = channel_sums(dy), channel_sums(dy * xhat)
+    dx = ((scale * inv / count) * (count * dy - dbias - xhat * dscale)
+          + (dmean + 2 * dvar * (x - mean)) / count)
+    return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` (same fields, variables and results) whose training-mode statistics
+    and their gradients are `batch_norm_train`'s matmuls on CPU.
+
+    Only where the result is flax's own: CPU, training, statistics of this device's batch
+    (no `axis_name`: the sharded jit path sees the global batch as one array; pmap keeps
+    flax's named-axis means), features last, scale and bias, fast variance, float32
+    reductions. Every other call is flax's.
+    """
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        running = nn.merge_param("use_running_average", self.use_running_average,
+                                 use_running_average)
+        if (jax.default_backend() != "cpu" or running or mask is not None
+                or self.is_initializing() or self.axis_name is not None
+                or self.axis not in (-1, x.ndim - 1) or not (self.use_bias and self.use_scale)
+                or not (self.use_fast_variance and self.force_float32_reductions)):
+            return super().__call__(x, use_running_average, mask=mask)
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, scale, bias)
+        up = lambda a: jnp.asarray(a, jnp.promote_types(a.dtype, jnp.float32))
+        y, mean, var = batch_norm_train(up(x), up(scale), up(bias), self.epsilon)
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y.astype(dtype)
+
+
 class LocalResponseNorm(nn.Module):
     """Cross-channel LRN with torch.nn.LocalResponseNorm's semantics (AlexNet: 5, 1e-4, 0.75, 2).
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import AdaptiveAvgPool, AvgPool, Conv, Flatten, MaxPool
+from zoo.layers import AdaptiveAvgPool, AvgPool, BatchNorm, Conv, Flatten, MaxPool
 from zoo.models import ZooModel
 from zoo.registry import (IMAGENET_MEAN, IMAGENET_STD, FeatureInfo, TorchConversion,
                           register_model)
@@ -44,9 +44,9 @@ class BasicConv2d(nn.Module):
         x = Conv(self.features, k, self.strides, padding=[(p[0], p[0]), (p[1], p[1])],
                  use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=self.bn_epsilon,
-                         dtype=self.dtype, param_dtype=self.param_dtype,
-                         axis_name=self.axis_name, name="bn")(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=self.bn_epsilon,
+                      dtype=self.dtype, param_dtype=self.param_dtype,
+                      axis_name=self.axis_name, name="bn")(x)
         return nn.relu(x)
 
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.layers import Conv, GlobalAvgPool, MaxPool
+from zoo.layers import BatchNorm, Conv, GlobalAvgPool, MaxPool
 from zoo.models import ZooModel
 from zoo.registry import FeatureInfo, TorchConversion, register_model
 
@@ -52,10 +52,10 @@ class _Block(nn.Module):
 
     def norm(self, train, name, last=False):
         zero = last and self.zero_init_residual
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                            dtype=self.dtype, param_dtype=self.param_dtype,
-                            axis_name=self.axis_name, name=name,
-                            scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
+        return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         dtype=self.dtype, param_dtype=self.param_dtype,
+                         axis_name=self.axis_name, name=name,
+                         scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
 
     def residual(self, x, y, train):
         """relu(y + shortcut(x))."""
@@ -127,9 +127,9 @@ class ResNet(ZooModel):
         k, s = (3, 1) if self.stem == "cifar" else (7, 2)
         x = Conv(self.widths[0], (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype,
                  param_dtype=self.param_dtype, kernel_init=_HE, name="conv1")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, param_dtype=self.param_dtype,
-                         axis_name=self.axis_name, name="bn1")(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      dtype=self.dtype, param_dtype=self.param_dtype,
+                      axis_name=self.axis_name, name="bn1")(x)
         x = nn.relu(x)
         if self.stem != "cifar":
             if stages.add(x):

@@ -14,7 +14,8 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import AdaptiveAvgPool, Conv, Flatten, LocalResponseNorm, MaxPool
+from zoo.layers import (AdaptiveAvgPool, BatchNorm, Conv, Flatten, LocalResponseNorm,
+                        MaxPool)
 from zoo.models import ZooModel
 from zoo.registry import FeatureInfo, TorchConversion, register_model
 
@@ -88,9 +89,9 @@ class VGG(ZooModel):
             elif op == "LRN":
                 x = LocalResponseNorm(name=name)(x)
             elif op == "BN":
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 dtype=self.dtype, param_dtype=self.param_dtype,
-                                 axis_name=self.axis_name, name=name)(x)
+                x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              axis_name=self.axis_name, name=name)(x)
             elif op == "ReLU":
                 x = nn.relu(x)
             else:
