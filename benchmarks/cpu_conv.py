@@ -1,10 +1,14 @@
-"""XLA:CPU's convolution against zoo.layers' patches-matmul path, per conv shape.
+"""XLA:CPU's convolution against zoo.layers' CPU paths, per conv shape.
 
-`python benchmarks/cpu_conv.py` prints forward and forward+backward milliseconds of a 3x3,
-stride-1, padding-1 NHWC convolution for each (batch, map, channels) below. It is the measurement
-behind `zoo.layers.conv_general_dilated`'s rule: on CPU, maps of at most 2x2 outputs take the
-matmul path, where XLA's convolution is 3-40x slower; larger maps keep XLA's convolution, which
-wins or loses by less than 2x up to 7x7 maps and is several times faster on 32x32 maps.
+`python benchmarks/cpu_conv.py` prints two tables, the measurements behind
+`zoo.layers.conv_general_dilated`'s rules on CPU:
+
+- forward and forward+backward milliseconds of a 3x3, stride-1, padding-1 NHWC convolution for
+  each (batch, map, channels) in SHAPES: maps of at most 2x2 outputs take the matmul path, where
+  XLA's convolution is 3-40x slower; larger maps keep XLA's convolution, which wins or loses by
+  less than 2x up to 7x7 maps and is several times faster on 32x32 maps;
+- forward milliseconds of the one-channel first convolutions in TAPS (simple_cnn's, LeNet's),
+  XLA's against `zoo.layers.conv_taps`' sum of shifted views (what inference runs).
 """
 
 import time
@@ -14,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zoo.layers import conv_taps
 from zoo.parallel import compiler_options
 
 SHAPES = [(32, 1, 512), (32, 2, 512), (32, 2, 256), (32, 4, 256), (32, 4, 512), (8, 7, 512),
           (32, 8, 128), (128, 8, 64), (128, 32, 16)]
+TAPS = [(64, 28, 3, 32, 1), (128, 28, 3, 32, 1), (64, 32, 5, 6, 0), (128, 32, 5, 6, 0)]
 
 
 def matmul_conv(x, w):
@@ -58,6 +64,16 @@ def main() -> None:
             row.append((ms(conv, x, w), ms(grad, x, w)))
         (xf, xb), (mf, mb) = row
         print(f"| {n}x{hw}x{hw}x{c} | {xf:.1f} | {mf:.1f} | {xb:.1f} | {mb:.1f} |", flush=True)
+    print("\n| batch x map x 1, kernel -> channels | XLA fwd ms | conv_taps fwd ms |\n"
+          "|---|---:|---:|")
+    for n, hw, k, c, pad in TAPS:
+        x = jnp.asarray(rng.normal(size=(n, hw, hw, 1)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(k, k, 1, c)), jnp.float32)
+        args = ((1, 1), ((pad, pad), (pad, pad)))
+        xla = ms(lambda x, w: lax.conv_general_dilated(
+            x, w, *args, dimension_numbers=("NHWC", "HWIO", "NHWC")), x, w)
+        taps = ms(lambda x, w: conv_taps(x, w, *args, None), x, w)
+        print(f"| {n}x{hw}x{hw}x1, {k}x{k} -> {c} | {xla:.2f} | {taps:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

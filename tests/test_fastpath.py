@@ -1,6 +1,7 @@
 """The CPU fast paths compute what the plain lax ops compute: max pooling's values and
 gradients (ties included) for the windows, strides, paddings, odd sizes and dtypes the models
-use, BatchNorm's matmul statistics what flax's BatchNorm computes, and the zoo's CPU compiler options (`zoo.parallel.compiler_options`) the same
+use, one-channel convolutions what lax's computes, BatchNorm's matmul statistics what flax's
+BatchNorm computes, and the zoo's CPU compiler options (`zoo.parallel.compiler_options`) the same
 convolutions and train step as XLA's defaults."""
 
 import flax.linen as nn
@@ -64,6 +65,40 @@ def test_max_pool_on_cpu_has_no_select_and_scatter():
     grad = jax.grad(lambda x: layers.MaxPool(2).apply({}, x).sum())
     jaxpr = str(jax.make_jaxpr(grad)(x))
     assert ("select_and_scatter" in jaxpr) != (jax.default_backend() == "cpu")
+
+
+# (H, kernel, Cout, stride, padding) of one-channel convolutions: simple_cnn's 3x3 'same',
+# LeNet's 5x5 valid, a strided odd-sized one
+TAPS = [(28, 3, 32, 1, 1), (32, 5, 6, 1, 0), (9, 5, 4, 2, 2)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("h, k, cout, stride, pad", TAPS)
+def test_one_channel_convolution_equals_lax(h, k, cout, stride, pad, dtype):
+    """A one-channel input's convolution on CPU: inference sums the kernel's taps (the same
+    terms as lax's convolution, in another order); under differentiation it is lax's, exactly."""
+    rng = np.random.default_rng(h + k)
+    x = jnp.asarray(rng.normal(size=(3, h, h + 1, 1)), dtype)
+    w = jnp.asarray(rng.normal(size=(k, k, 1, cout)), dtype)
+    args = ((stride, stride), [(pad, pad)] * 2)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, w: layers.conv_general_dilated(x, w, *args, dimension_numbers=dn)
+    ref = lambda x, w: lax.conv_general_dilated(x, w, *args, dimension_numbers=dn)
+    assert ("conv_general_dilated" in str(jax.make_jaxpr(ours)(x, w))) \
+        != (jax.default_backend() == "cpu")
+    y, y_ref = jax.jit(ours)(x, w), jax.jit(ref)(x, w)
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    # k*k products summed in another order: float32 rounding of each partial sum,
+    # or one bfloat16 rounding (2^-8) of the result either way
+    terms = jax.jit(lambda x, w: ref(jnp.abs(x), jnp.abs(w)))(x.astype(jnp.float32),
+                                                               w.astype(jnp.float32))
+    eps = k * k * 2.0 ** -24 if dtype == jnp.float32 else 2.0 ** -7
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
+                               rtol=0, atol=float(eps * jnp.max(terms)))
+    (y1, vjp), (y2, vjp_ref) = jax.vjp(ours, x, w), jax.vjp(ref, x, w)
+    g = jnp.asarray(rng.normal(size=y2.shape), dtype)
+    for a, b in zip((y1, *vjp(g)), (y2, *vjp_ref(g))):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 # (N, H, W, C) of BatchNorm inputs: ResNet-20's stages, an odd map, a dense (N, C) input

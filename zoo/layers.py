@@ -49,10 +49,10 @@ def train_mode(module: nn.Module, train: bool | None) -> bool:
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _matmul_geometry(lhs, rhs, window_strides, padding, dilations, dimension_numbers,
-                     feature_group_count, kwargs):
-    """(explicit pads, output (H, W)) of a convolution that should run as a patches matmul:
-    on CPU, NHWC/HWIO, ungrouped, undilated, with at most 2x2 outputs; else None."""
+def _cpu_geometry(lhs, rhs, window_strides, padding, dilations, dimension_numbers,
+                  feature_group_count, kwargs):
+    """(explicit pads, output (H, W)) of a convolution a CPU fast path may compute: on CPU,
+    NHWC/HWIO, ungrouped, undilated, no preferred element type; else None."""
     if (jax.default_backend() != "cpu" or lhs.ndim != 4 or feature_group_count != 1
             or kwargs.get("preferred_element_type") is not None
             or any(d != 1 for d in dilations)
@@ -60,39 +60,90 @@ def _matmul_geometry(lhs, rhs, window_strides, padding, dilations, dimension_num
         return None
     kernel = rhs.shape[:2]
     pads = (lax.padtype_to_pads(lhs.shape[1:3], kernel, window_strides, padding)
-            if isinstance(padding, str) else padding)
+            if isinstance(padding, str) else tuple(map(tuple, padding)))
     try:
         out = [conv_output_size(n, k, s, pad, rounding="floor")
                for n, pad, k, s in zip(lhs.shape[1:3], pads, kernel, window_strides)]
     except ValueError:  # negative padding or a kernel larger than the input: lax's business
         return None
-    if out[0] * out[1] > 4:
-        return None
     return pads, out
+
+
+def _views(x, kernel, strides, out):
+    """The (i, j) strided views of padded `x` that kernel tap (i, j) multiplies, row-major."""
+    (kh, kw), (sh, sw), (ho, wo) = kernel, strides, out
+    return [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+            for i in range(kh) for j in range(kw)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_taps(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], ...], precision):
+    """An NHWC x HWIO convolution of a one-channel input as the sum over its kernel taps (i, j)
+    of the shifted strided input times that tap's row of weights: elementwise work XLA fuses
+    into one loop, many times faster than XLA:CPU's convolution for such inputs.
+
+    Only the forward pass of inference is computed so. Under differentiation it is lax's
+    convolution, forward and backward: XLA re-fuses (recomputes) the sum into every consumer
+    of the conv's output that the backward pass adds, which made LeNet's train step 2x slower.
+    """
+    kh, kw, _, _ = w.shape
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0))).astype(acc)
+    out = [conv_output_size(n, k, s, 0, rounding="floor")
+           for n, k, s in zip(xp.shape[1:3], (kh, kw), strides)]
+    taps = [view * w[k // kw, k % kw, 0].astype(acc)
+            for k, view in enumerate(_views(xp, (kh, kw), strides, out))]
+    return functools.reduce(jnp.add, taps).astype(jnp.result_type(x, w))
+
+
+def _lax_conv(strides, pads, precision):
+    return functools.partial(lax.conv_general_dilated, window_strides=strides, padding=pads,
+                             dimension_numbers=_NHWC, precision=precision)
+
+
+def _conv_taps_fwd(x, w, strides, pads, precision):
+    return _lax_conv(strides, pads, precision)(x, w), (x, w)
+
+
+def _conv_taps_bwd(strides, pads, precision, residuals, g):
+    return jax.vjp(_lax_conv(strides, pads, precision), *residuals)[1](g)
+
+
+conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, **kwargs):
-    """`lax.conv_general_dilated`, except for NHWC convolutions with at most 2x2 outputs on CPU,
-    which are computed as one matmul over the input's patches (same sum, same parameters).
+    """`lax.conv_general_dilated`, except for two kinds of NHWC convolution on CPU, where
+    XLA:CPU's convolution is many times slower than the same sum computed another way
+    (`benchmarks/cpu_conv.py` measures both; README, Benchmarks):
 
-    XLA:CPU's convolution falls off a cliff on such tiny maps, which are what ResNet's and VGG's
-    last stage see at 32-64 px inputs (`benchmarks/cpu_conv.py` measures it; README, Benchmarks).
+    - at most 2x2 outputs (ResNet's and VGG's last stage at 32-64 px inputs): one matmul over
+      the input's patches;
+    - one input channel (MNIST-like images' first convolution), in inference: `conv_taps`, a
+      fused sum of shifted views.
+
+    Same sum, same parameters.
     """
-    geometry = _matmul_geometry(lhs, rhs, window_strides, padding,
-                                (lhs_dilation or ()) + (rhs_dilation or ()), dimension_numbers,
-                                feature_group_count, kwargs)
+    geometry = _cpu_geometry(lhs, rhs, window_strides, padding,
+                             (lhs_dilation or ()) + (rhs_dilation or ()), dimension_numbers,
+                             feature_group_count, kwargs)
     if geometry is None:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         **kwargs)
-    (pads, (ho, wo)), (kh, kw), (sh, sw) = geometry, rhs.shape[:2], window_strides
-    x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-    patches = jnp.concatenate([  # (N, Ho, Wo, kh*kw*C), in the order of HWIO's reshape
-        x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-        for i in range(kh) for j in range(kw)], axis=-1)
-    return lax.dot_general(patches, rhs.reshape(-1, rhs.shape[-1]), (((3,), (0,)), ((), ())),
-                           precision=kwargs.get("precision"))
+    pads, (ho, wo) = geometry
+    if ho * wo <= 4:
+        x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
+        patches = jnp.concatenate(  # (N, Ho, Wo, kh*kw*C), in the order of HWIO's reshape
+            _views(x, rhs.shape[:2], window_strides, (ho, wo)), axis=-1)
+        return lax.dot_general(patches, rhs.reshape(-1, rhs.shape[-1]),
+                               (((3,), (0,)), ((), ())), precision=kwargs.get("precision"))
+    if rhs.shape[2] == 1:
+        return conv_taps(lhs, rhs, tuple(window_strides), pads, kwargs.get("precision"))
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    **kwargs)
 
 
 # The convolution every model family builds with (nn.Conv with the CPU fast path above).
@@ -168,10 +219,11 @@ def max_pool(x, window: int, stride: int, pads: tuple[tuple[int, int], ...]):
 def _max_pool_fwd(x, window, stride, pads):
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
     out = [conv_output_size(n, window, stride, 0, rounding="floor") for n in xp.shape[1:3]]
+    positions = window * window
+    index = jnp.int8 if positions < 128 else jnp.int32
     views = _window_views(xp, window, stride, out)
     y = functools.reduce(jnp.maximum, views)
-    positions = window * window
-    first = jnp.full(y.shape, positions, jnp.int8 if positions < 128 else jnp.int32)
+    first = jnp.full(y.shape, positions, index)
     for k in reversed(range(positions)):  # no match (a NaN window) leaves `positions`: no grad
         first = jnp.where(views[k] == y, jnp.asarray(k, first.dtype), first)
     return y, (first, x.shape)
