@@ -137,6 +137,22 @@ def test_resume_at_step_n_gives_the_same_batches(fashion_mnist):
     assert not np.array_equal(straight[0]["label"], straight[8]["label"])  # reshuffled
 
 
+def test_next_epoch_opened_ahead_gives_the_same_batches(fashion_mnist):
+    """`total_steps` opens each next epoch in a background thread: the same batches, from the
+    start and resumed inside an epoch."""
+    kw = dict(info=zoo.model_info("simple_cnn"), global_batch_size=32, train=True, seed=3,
+              num_examples=256)  # 8 steps an epoch
+    plain = first(data.make_dataset("fashion_mnist", "train", **kw), 20)
+    ahead = first(data.make_dataset("fashion_mnist", "train", total_steps=20, **kw), 20)
+    resumed = first(data.make_dataset("fashion_mnist", "train", start_step=5, total_steps=20,
+                                      **kw), 15)
+    for a, b in zip(plain, ahead):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    for a, b in zip(plain[5:], resumed):
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
 def test_process_shards_disjoint_and_covering(fashion_mnist):
     kw = dict(info=zoo.model_info("simple_cnn"), global_batch_size=16, train=False,
               num_examples=101, process_count=2)
