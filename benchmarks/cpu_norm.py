@@ -7,12 +7,11 @@ that a loaded machine slows both alike. It is the measurement behind `zoo.layers
 using `batch_norm_train` on CPU.
 """
 
-import time
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from cpu_pool import interleaved_ms  # this directory's
 
 from zoo import layers, parallel
 
@@ -21,20 +20,6 @@ SHAPES = [  # (batch, map, channels)
     (64, 28, 32), (64, 14, 64),               # simple_cnn's conv outputs (their bias sums)
     (32, 16, 64), (32, 4, 256), (32, 2, 512),  # resnet18 at 64 px
 ]
-
-
-def timed(fns, x, rounds, repeats):
-    for fn in fns:
-        jax.block_until_ready(fn(x))
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, t in zip(fns, times):
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                out = fn(x)
-            jax.block_until_ready(out)
-            t.append((time.perf_counter() - t0) / repeats * 1e3)
-    return [float(np.median(t)) for t in times]
 
 
 def batch_norm_step(module, x):
@@ -54,9 +39,9 @@ def main(rounds: int = 5, repeats: int = 10) -> None:
     rng = np.random.default_rng(0)
     for n, hw, c in SHAPES:
         x = jnp.asarray(rng.normal(size=(n, hw, hw, c)), jnp.float32)
-        sums = timed([parallel.jit(lambda x: jnp.sum(x, axis=(0, 1, 2))),
+        sums = interleaved_ms([parallel.jit(lambda x: jnp.sum(x, axis=(0, 1, 2))),
                       parallel.jit(layers.channel_sums)], x, rounds, repeats)
-        norms = timed([batch_norm_step(nn.BatchNorm(), x),
+        norms = interleaved_ms([batch_norm_step(nn.BatchNorm(), x),
                        batch_norm_step(layers.BatchNorm(), x)], x, rounds, repeats)
         print(f"| {n}x{hw}x{hw}x{c} | {sums[0]:.3f} | {sums[1]:.3f} | {sums[0] / sums[1]:.1f} | "
               f"{norms[0]:.2f} | {norms[1]:.2f} | {norms[0] / norms[1]:.1f} |", flush=True)

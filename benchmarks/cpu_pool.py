@@ -33,6 +33,22 @@ def zoo_pool(x, k, s, p):
     return max_pool(x, k, s, ((p, p), (p, p)))
 
 
+def interleaved_ms(fns, x, rounds: int, repeats: int) -> list[float]:
+    """Median milliseconds per call of each of `fns` on `x`, over `rounds` rounds in which each
+    runs `repeats` calls in turn (a loaded machine slows them alike)."""
+    for fn in fns:
+        jax.block_until_ready(fn(x))
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                out = fn(x)
+            jax.block_until_ready(out)
+            t.append((time.perf_counter() - t0) / repeats * 1e3)
+    return [float(np.median(t)) for t in times]
+
+
 def main(rounds: int = 5, repeats: int = 5) -> None:
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; median of {rounds} "
           f"interleaved rounds of {repeats} calls")
@@ -43,17 +59,7 @@ def main(rounds: int = 5, repeats: int = 5) -> None:
         x = jnp.asarray(np.maximum(rng.normal(size=(n, hw, hw, c)), 0), jnp.float32)
         fns = [jax.jit(jax.grad(lambda x, pool=pool: jnp.sum(pool(x, k, s, p) ** 2)))
                for pool in (lax_pool, zoo_pool)]
-        for fn in fns:
-            jax.block_until_ready(fn(x))
-        times = [[], []]
-        for _ in range(rounds):
-            for fn, t in zip(fns, times):
-                t0 = time.perf_counter()
-                for _ in range(repeats):
-                    out = fn(x)
-                jax.block_until_ready(out)
-                t.append((time.perf_counter() - t0) / repeats * 1e3)
-        a, b = (float(np.median(t)) for t in times)
+        a, b = interleaved_ms(fns, x, rounds, repeats)
         print(f"| {n}x{hw}x{hw}x{c}, {k}/{s} p{p} | {a:.2f} | {b:.2f} | {a / b:.1f} |",
               flush=True)
 

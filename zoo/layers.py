@@ -1,5 +1,5 @@
-"""The small layers the models share: pools, flatten, LRN, the input check and the Conv with
-its CPU fast path.
+"""The small layers the models share: pools, flatten, LRN, BatchNorm, the input check and the
+Conv, with their CPU fast paths (README, Benchmarks: why each exists and what it gains).
 
 Pooling, flatten and LRN are modules (not bare functions) so that `zoo.summary` sees them as rows
 of the table, as Keras' `model.summary()` does. The notes' arithmetic (output sizes, parameter
