@@ -40,9 +40,9 @@ def main(rounds: int = 5, repeats: int = 10) -> None:
     for n, hw, c in SHAPES:
         x = jnp.asarray(rng.normal(size=(n, hw, hw, c)), jnp.float32)
         sums = interleaved_ms([parallel.jit(lambda x: jnp.sum(x, axis=(0, 1, 2))),
-                      parallel.jit(layers.channel_sums)], x, rounds, repeats)
+                               parallel.jit(layers.channel_sums)], x, rounds, repeats)
         norms = interleaved_ms([batch_norm_step(nn.BatchNorm(), x),
-                       batch_norm_step(layers.BatchNorm(), x)], x, rounds, repeats)
+                                batch_norm_step(layers.BatchNorm(), x)], x, rounds, repeats)
         print(f"| {n}x{hw}x{hw}x{c} | {sums[0]:.3f} | {sums[1]:.3f} | {sums[0] / sums[1]:.1f} | "
               f"{norms[0]:.2f} | {norms[1]:.2f} | {norms[0] / norms[1]:.1f} |", flush=True)
 

@@ -70,7 +70,8 @@ def _cpu_geometry(lhs, rhs, window_strides, padding, dilations, dimension_number
 
 
 def _views(x, kernel, strides, out):
-    """The (i, j) strided views of padded `x` that kernel tap (i, j) multiplies, row-major."""
+    """The (i, j) strided views of padded NHWC `x`, row-major: view (i, j) holds element (i, j)
+    of every output's window (the input that kernel tap (i, j) multiplies)."""
     (kh, kw), (sh, sw), (ho, wo) = kernel, strides, out
     return [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
             for i in range(kh) for j in range(kw)]
@@ -84,7 +85,7 @@ def conv_taps(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
 
     Only the forward pass of inference is computed so. Under differentiation it is lax's
     convolution, forward and backward: XLA re-fuses (recomputes) the sum into every consumer
-    of the conv's output that the backward pass adds, which made LeNet's train step 2x slower.
+    of the conv's output that the backward pass adds, which made training slower (README).
     """
     kh, kw, _, _ = w.shape
     acc = jnp.promote_types(x.dtype, jnp.float32)
@@ -189,15 +190,6 @@ class Pool(nn.Module):
         return lax.reduce_window(x, init, op, dims, (1, s, s, 1), pads), pads
 
 
-def _window_views(xp, window: int, stride: int, out: tuple[int, int]):
-    """The window's k*k strided views of the padded input, in row-major window order: view
-    (i, j) holds element (i, j) of every output's window."""
-    n, _, _, c = xp.shape
-    return [lax.slice(xp, (0, i, j, 0), (n, i + stride * (out[0] - 1) + 1,
-                                         j + stride * (out[1] - 1) + 1, c), (1, stride, stride, 1))
-            for i in range(window) for j in range(window)]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, window: int, stride: int, pads: tuple[tuple[int, int], ...]):
     """Max pooling of an NHWC batch as elementwise work: the maximum of the window's k*k
@@ -221,7 +213,7 @@ def _max_pool_fwd(x, window, stride, pads):
     out = [conv_output_size(n, window, stride, 0, rounding="floor") for n in xp.shape[1:3]]
     positions = window * window
     index = jnp.int8 if positions < 128 else jnp.int32
-    views = _window_views(xp, window, stride, out)
+    views = _views(xp, (window, window), (stride, stride), out)
     y = functools.reduce(jnp.maximum, views)
     first = jnp.full(y.shape, positions, index)
     for k in reversed(range(positions)):  # no match (a NaN window) leaves `positions`: no grad

@@ -415,8 +415,8 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
       total_steps: training, the steps the caller will take. For the in-memory datasets
         (MNIST, Fashion-MNIST, CIFAR) each next epoch up to that step starts in a background
         thread while the current one is consumed, so its shuffle buffer is full when it is
-        needed (filling it stalls the first batch of an epoch: 5 s for Fashion-MNIST on 2
-        idle cores). The order is the same with or without it.
+        needed (filling it otherwise stalls the epoch's first batch; README, Benchmarks). The
+        order is the same with or without it.
     Yields:
       {'image': float32 (B, H, W, C), 'label': int32 (B,), 'mask': bool (B,)}, with
       B = global_batch_size // process_count.
@@ -436,13 +436,13 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
     augment = train if augment is None else augment
     part, per_process = _process_split(spec, split, num_examples, index, count)
     base = _source(spec, part)
-    if spec.kind == "small":
+    in_memory = spec.kind == "small"
+    if in_memory:
         base = base.cache()
     preprocess = _preprocess_fn(spec, info, size, train, augment)
     if train:
-        ahead = total_steps if spec.kind == "small" else None
         return _guarded(_train_batches(base, preprocess, batch, seed, start_step, per_process,
-                                       ahead), spec, part)
+                                       total_steps if in_memory else None), spec, part)
     return _guarded(_eval_batches(base, preprocess, batch, per_process), spec, part)
 
 
