@@ -1,7 +1,7 @@
 """The CPU fast paths compute what the plain lax ops compute: max pooling's values and
 gradients (ties included) for the windows, strides, paddings, odd sizes and dtypes the models
 use, one-channel convolutions what lax's computes, BatchNorm's matmul statistics what flax's
-BatchNorm computes, and the zoo's CPU compiler options (`zoo.parallel.compiler_options`) the same
+BatchNorm computes, a `fence`d function what the function computes, and the zoo's CPU compiler options (`zoo.parallel.compiler_options`) the same
 convolutions and train step as XLA's defaults."""
 
 import flax.linen as nn
@@ -165,6 +165,23 @@ def test_batch_norm_statistics_on_cpu_are_matmuls():
     assert "reduce_sum" in ops(nn.BatchNorm(), True)
     assert "dot_general" not in ops(layers.BatchNorm(), False)
     assert "psum" in ops(layers.BatchNorm(axis_name="b"), True, "b")
+
+
+@pytest.mark.parametrize("fill", [0.5, np.nan])
+def test_fence_computes_the_function_once(fill):
+    """`fence(f, *args)` is f's values and gradients, whichever branch the data selects (a NaN
+    makes the predicate false); on CPU the compiled step holds it as one conditional."""
+    rng = np.random.default_rng(0)
+    y, x = (jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32) for _ in range(2))
+    y = y.at[0, 0, 0, 0].set(fill)
+    f = lambda y, x: nn.relu(y + x)
+    loss = lambda g: lambda y, x: jnp.sum(g(y, x) ** 2)
+    fenced = jax.jit(jax.value_and_grad(loss(lambda *a: layers.fence(f, *a)), (0, 1)))
+    for a, b in zip(jax.tree.leaves(fenced(y, x)),
+                    jax.tree.leaves(jax.jit(jax.value_and_grad(loss(f), (0, 1)))(y, x))):
+        np.testing.assert_array_equal(a, b)
+    hlo = fenced.lower(y, x).compile().as_text()
+    assert ("conditional(" in hlo) == (jax.default_backend() == "cpu")
 
 
 # (H, Cin, Cout, kernel, stride, padding) of the convolutions the models run: simple_cnn's

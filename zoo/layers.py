@@ -151,6 +151,22 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
+def fence(f, *args):
+    """`f(*args)`, on CPU computed inside a conditional both of whose branches are `f`, so that
+    it is computed once, stored and read by every consumer.
+
+    XLA:CPU's fusion duplicates cheap elementwise work into each of its consumers rather than
+    read a result it has stored: in a ResNet's train step every weight-gradient transpose
+    recomputed the stage's whole residual chain (every block's BatchNorm, add and ReLU) from
+    the convolution outputs. A conditional is opaque to fusion. Its predicate reads the data
+    only so that XLA cannot fold it away; both branches are `f`, so its value does not matter.
+    """
+    if jax.default_backend() != "cpu":
+        return f(*args)
+    leaf = jnp.ravel(args[0])[0]
+    return lax.cond(leaf == leaf, f, f, *args)
+
+
 def pool_padding(n: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:
     """(low, high) padding of one axis that reproduces torch's pooling output size.
 

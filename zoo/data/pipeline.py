@@ -452,6 +452,8 @@ def _guarded(batches: Iterator[dict], spec: DatasetSpec, split) -> Iterator[dict
     that cannot be decoded."""
     try:
         yield from batches
+    except GeneratorExit:  # closed, also at interpreter exit, when `tf` may be torn down
+        raise
     except tf.errors.DataLossError as e:
         raise DatasetCorruptError(_damaged_records(spec, split, e.message)) from None
     except tf.errors.InvalidArgumentError as e:

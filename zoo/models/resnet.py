@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.layers import BatchNorm, Conv, GlobalAvgPool, MaxPool
+from zoo.layers import BatchNorm, Conv, GlobalAvgPool, MaxPool, fence
 from zoo.models import ZooModel
 from zoo.registry import FeatureInfo, TorchConversion, register_model
 
@@ -58,7 +58,8 @@ class _Block(nn.Module):
                          scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
 
     def residual(self, x, y, train):
-        """relu(y + shortcut(x))."""
+        """relu(y + shortcut(x)), computed once (`fence`: the block output is what the next
+        blocks' backward passes read)."""
         out = self.features * self.expansion
         if self.strides != 1 or x.shape[-1] != out:
             if self.shortcut == "A":
@@ -67,7 +68,7 @@ class _Block(nn.Module):
             else:
                 x = self.conv(out, 1, self.strides, name="downsample_0")(x)
                 x = self.norm(train, "downsample_1")(x)
-        return nn.relu(y + x)
+        return fence(lambda y, x: nn.relu(y + x), y, x)
 
 
 class BasicBlock(_Block):
