@@ -216,15 +216,23 @@ def max_pool(x, window: int, stride: int, pads: tuple[tuple[int, int], ...]):
     order (ties included: ReLU zeros tie all the time), summed where windows overlap. XLA:CPU
     expands `select_and_scatter` into iotas, a variadic reduce-window and a scatter, which
     dominates a small CNN's train step. Here the forward pass also keeps, per window, the
-    position of that first maximum (one int8 per output), and the backward pass only compares
+    position of that first maximum (one int8 per output; under differentiation maxima and
+    positions are `fence`d: XLA had recomputed them, and the input's producer, for every
+    element of every window in the backward pass), and the backward pass only compares
     positions: for windows that tile the input (stride = window) it is one broadcast select
     reshaped to the input, otherwise one strided pad per window position, all fused into loops
     (benchmarks/cpu_pool.py).
     """
-    return _max_pool_fwd(x, window, stride, pads)[0]
+    return _max_and_first(x, window, stride, pads)[0]
 
 
 def _max_pool_fwd(x, window, stride, pads):
+    y, first = fence(lambda x: _max_and_first(x, window, stride, pads), x)
+    return y, (first, x.shape)
+
+
+def _max_and_first(x, window, stride, pads):
+    """The pooled maxima and each window's position of its first maximum."""
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
     out = [conv_output_size(n, window, stride, 0, rounding="floor") for n in xp.shape[1:3]]
     positions = window * window
@@ -234,7 +242,7 @@ def _max_pool_fwd(x, window, stride, pads):
     first = jnp.full(y.shape, positions, index)
     for k in reversed(range(positions)):  # no match (a NaN window) leaves `positions`: no grad
         first = jnp.where(views[k] == y, jnp.asarray(k, first.dtype), first)
-    return y, (first, x.shape)
+    return y, first
 
 
 def _max_pool_bwd(window, stride, pads, residuals, g):
