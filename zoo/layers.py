@@ -83,10 +83,16 @@ def conv_taps(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
     of the shifted strided input times that tap's row of weights: elementwise work XLA fuses
     into one loop, many times faster than XLA:CPU's convolution for such inputs.
 
-    Only the forward pass of inference is computed so. Under differentiation it is lax's
-    convolution, forward and backward: XLA re-fuses (recomputes) the sum into every consumer
-    of the conv's output that the backward pass adds, which made training slower (README).
+    The sum is computed once (`fence`) wherever XLA would otherwise recompute it inside each
+    consumer: always under differentiation (the backward pass adds consumers), and in inference
+    above 9 taps (LeNet's 5x5 feeds a 2x2 pool, which re-read all 25 taps per window element).
+    The gradients are lax's convolution's.
     """
+    taps = lambda x, w: _taps_sum(x, w, strides, pads)
+    return fence(taps, x, w) if w.shape[0] * w.shape[1] > 9 else taps(x, w)
+
+
+def _taps_sum(x, w, strides, pads):
     kh, kw, _, _ = w.shape
     acc = jnp.promote_types(x.dtype, jnp.float32)
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0))).astype(acc)
@@ -103,7 +109,7 @@ def _lax_conv(strides, pads, precision):
 
 
 def _conv_taps_fwd(x, w, strides, pads, precision):
-    return _lax_conv(strides, pads, precision)(x, w), (x, w)
+    return fence(lambda x, w: _taps_sum(x, w, strides, pads), x, w), (x, w)
 
 
 def _conv_taps_bwd(strides, pads, precision, residuals, g):
@@ -121,8 +127,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
     - at most 2x2 outputs (ResNet's and VGG's last stage at 32-64 px inputs): one matmul over
       the input's patches;
-    - one input channel (MNIST-like images' first convolution), in inference: `conv_taps`, a
-      fused sum of shifted views.
+    - one input channel (MNIST-like images' first convolution): `conv_taps`, a fused sum of
+      shifted views.
 
     Same sum, same parameters.
     """
