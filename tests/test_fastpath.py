@@ -1,8 +1,9 @@
 """The CPU fast paths compute what the plain lax ops compute: max pooling's values and
 gradients (ties included) for the windows, strides, paddings, odd sizes and dtypes the models
 use, one-channel convolutions what lax's computes, BatchNorm's matmul statistics what flax's
-BatchNorm computes, a `fence`d function what the function computes, and the zoo's CPU compiler options (`zoo.parallel.compiler_options`) the same
-convolutions and train step as XLA's defaults."""
+BatchNorm computes, a `fence`d function what the function computes, and the zoo's CPU compiler
+options (`zoo.parallel.compiler_options`) the same convolutions and train step as XLA's
+defaults."""
 
 import flax.linen as nn
 import jax

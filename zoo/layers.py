@@ -88,8 +88,13 @@ def conv_taps(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
     above 9 taps (LeNet's 5x5 feeds a 2x2 pool, which re-read all 25 taps per window element).
     The gradients are lax's convolution's.
     """
-    taps = lambda x, w: _taps_sum(x, w, strides, pads)
-    return fence(taps, x, w) if w.shape[0] * w.shape[1] > 9 else taps(x, w)
+    if w.shape[0] * w.shape[1] > 9:
+        return _fenced_taps(x, w, strides, pads)
+    return _taps_sum(x, w, strides, pads)
+
+
+def _fenced_taps(x, w, strides, pads):
+    return fence(lambda x, w: _taps_sum(x, w, strides, pads), x, w)
 
 
 def _taps_sum(x, w, strides, pads):
@@ -109,7 +114,7 @@ def _lax_conv(strides, pads, precision):
 
 
 def _conv_taps_fwd(x, w, strides, pads, precision):
-    return fence(lambda x, w: _taps_sum(x, w, strides, pads), x, w), (x, w)
+    return _fenced_taps(x, w, strides, pads), (x, w)
 
 
 def _conv_taps_bwd(strides, pads, precision, residuals, g):
