@@ -1,6 +1,7 @@
 """The CPU fast paths compute what the plain lax ops compute: max pooling's values and
 gradients (ties included) for the windows, strides, paddings, odd sizes and dtypes the models
-use, one-channel convolutions what lax's computes, BatchNorm's matmul statistics what flax's
+use, one-channel convolutions what lax's computes, Conv's bias gradient what nn.Conv's
+computes, BatchNorm's matmul statistics what flax's
 BatchNorm computes, a `fence`d function what the function computes, and the zoo's CPU compiler
 options (`zoo.parallel.compiler_options`) the same convolutions and train step as XLA's
 defaults."""
@@ -185,6 +186,80 @@ def test_fence_computes_the_function_once(fill):
         np.testing.assert_array_equal(a, b)
     hlo = fenced.lower(y, x).compile().as_text()
     assert ("conditional(" in hlo) == (jax.default_backend() == "cpu")
+
+
+# nn.Conv fields of the convolutions the models build: simple_cnn's one-channel 3x3 and its
+# 3x3s, AlexNet's 11x11/4, 'SAME' at stride 2, explicit uneven pads with dilation, grouped
+# 1x1; and flax's own bias add: LeNet's 6-channel 5x5 (fewer than MATMUL_BIAS_MIN_FEATURES),
+# a 2x2-output map (the matmul convolution; fewer than MATMUL_BIAS_MIN_PIXELS), no bias,
+# circular padding
+CONV_LAYERS = [((28, 1), dict(features=32, kernel_size=(3, 3), padding=1)),
+               ((14, 8), dict(features=64, kernel_size=(3, 3), padding=1)),
+               ((35, 3), dict(features=32, kernel_size=(11, 11), strides=4, padding=2)),
+               ((16, 4), dict(features=32, kernel_size=(3, 3), strides=2, padding="SAME")),
+               ((12, 4), dict(features=32, kernel_size=(3, 3), padding=((1, 2), (0, 1)),
+                              kernel_dilation=2)),
+               ((7, 8), dict(features=32, kernel_size=(1, 1), feature_group_count=2)),
+               ((32, 1), dict(features=6, kernel_size=(5, 5), padding=0)),
+               ((4, 8), dict(features=32, kernel_size=(3, 3), padding=1, strides=2)),
+               ((9, 4), dict(features=32, kernel_size=(3, 3), use_bias=False)),
+               ((9, 4), dict(features=32, kernel_size=(3, 3), padding="CIRCULAR"))]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("size, fields", CONV_LAYERS)
+def test_conv_equals_flax_conv(size, fields, dtype):
+    """zoo's Conv (bias added by `add_bias` on CPU) against nn.Conv on the same convolution:
+    the same variables, outputs and kernel and input gradients exactly; the bias gradient is
+    the sum of the same cotangents in another order (float32; bfloat16 cotangents are summed
+    in float32 and rounded once, where XLA's bfloat16 reduction may round more often)."""
+    h, cin = size
+    rng = np.random.default_rng(h * cin)
+    x = jnp.asarray(rng.normal(size=(2, h, h, cin)), dtype)
+    ours = layers.Conv(**fields, dtype=dtype)
+    ref = nn.Conv(**fields, dtype=dtype, conv_general_dilated=layers.conv_general_dilated)
+    variables = ref.init(jax.random.key(0), x)
+    got_init = ours.init(jax.random.key(0), x)
+    assert jax.tree.all(jax.tree.map(lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)),
+                                     got_init, variables))
+    variables = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(0, 0.5, v.shape), v.dtype),
+                             variables)
+    y, vjp = jax.vjp(lambda v, x: ours.apply(v, x), variables, x)
+    y_ref, vjp_ref = jax.vjp(lambda v, x: ref.apply(v, x), variables, x)
+    assert y.dtype == y_ref.dtype
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    g = jnp.asarray(rng.normal(size=y.shape), dtype)
+    (grads, dx), (grads_ref, dx_ref) = vjp(g), vjp_ref(g)
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32))
+    np.testing.assert_array_equal(grads["params"]["kernel"], grads_ref["params"]["kernel"])
+    if "bias" not in grads["params"]:
+        return
+    bias, bias_ref = grads["params"]["bias"], grads_ref["params"]["bias"]
+    flax_bias = (fields["features"] < layers.MATMUL_BIAS_MIN_FEATURES
+                 or y.shape[1] * y.shape[2] < layers.MATMUL_BIAS_MIN_PIXELS)
+    if flax_bias or fields.get("padding") == "CIRCULAR":
+        np.testing.assert_array_equal(bias, bias_ref)  # flax's own bias add
+        return
+    terms = np.asarray(g, np.float64).reshape(-1, y.shape[-1])
+    exact, magnitude = terms.sum(0), np.abs(terms).sum(0)
+    # a float32 sum of n terms in any order is within n * 2^-24 * sum|terms| of the exact sum;
+    # bfloat16 adds one rounding of the result (2^-8 of it)
+    bound = len(terms) * 2.0 ** -24 * magnitude + (
+        2.0 ** -8 * np.abs(exact) if dtype == jnp.bfloat16 else 0)
+    assert np.all(np.abs(np.asarray(bias, np.float64) - exact) <= bound)
+    if dtype == jnp.float32:
+        assert np.all(np.abs(np.asarray(bias_ref, np.float64) - exact) <= bound)
+
+
+def test_conv_bias_gradient_on_cpu_is_a_matmul():
+    """On CPU a Conv's bias gradient is a matmul, not a reduction over (N, H, W); elsewhere it
+    is flax's Conv."""
+    x = jnp.ones((2, 8, 8, 4))
+    conv = layers.Conv(layers.MATMUL_BIAS_MIN_FEATURES, (3, 3), padding=1)
+    variables = conv.init(jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(conv.apply(v, x) ** 2)))(variables))
+    cpu = jax.default_backend() == "cpu"
+    assert ("reduce_sum[axes=(0, 1, 2)" not in jaxpr and "dot_general" in jaxpr) == cpu
 
 
 # (H, Cin, Cout, kernel, stride, padding) of the convolutions the models run: simple_cnn's

@@ -11,10 +11,12 @@ here, where it has always been importable from; the sizes computed here come fro
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 from zoo.arithmetic import (  # noqa: F401  (re-exported: zoo.layers.conv_output_size etc.)
@@ -158,8 +160,67 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                     **kwargs)
 
 
-# The convolution every model family builds with (nn.Conv with the CPU fast path above).
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+@jax.custom_vjp
+def add_bias(y, bias):
+    """`y + bias` over the last axis, whose bias gradient is the `channel_sums` matmul of the
+    cotangent. XLA:CPU reduces a cotangent over (N, H, W) in a loop that walks the array once
+    per channel, several times slower than that matmul at 32 channels and more
+    (`benchmarks/cpu_norm.py`): a convolution's bias gradient had been the largest single op
+    of simple_cnn's train step."""
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, g):  # y and bias share a dtype (Conv promotes them); bfloat16 sums in float32
+    return g, channel_sums(g.astype(jnp.promote_types(g.dtype, jnp.float32))).astype(g.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+# The output channels and map pixels from which a Conv's bias is `add_bias`' on CPU: on fewer
+# channels (LeNet's 6 and 16) or smaller maps the reduction is cheap and the matmul lost (README).
+MATMUL_BIAS_MIN_FEATURES, MATMUL_BIAS_MIN_PIXELS = 32, 7 * 7
+
+
+class Conv(nn.Conv):
+    """`nn.Conv` (same fields, variables and results) whose convolution is
+    `conv_general_dilated` above and whose bias, on CPU, is added by `add_bias` where the
+    output has at least `MATMUL_BIAS_MIN_FEATURES` channels and `MATMUL_BIAS_MIN_PIXELS` pixels.
+
+    That path covers what the models build: NHWC input, one kernel shared over the image, no
+    mask, zero padding ('SAME', 'VALID', or explicit); every other call is flax's.
+    """
+
+    conv_general_dilated: Any = conv_general_dilated
+
+    @nn.compact
+    def __call__(self, inputs):
+        kernel_size = ((self.kernel_size,) if isinstance(self.kernel_size, int)
+                       else tuple(self.kernel_size))
+        padding = canonicalize_padding(self.padding, len(kernel_size))
+        if (jax.default_backend() != "cpu" or not self.use_bias or not self.shared_weights
+                or self.features < MATMUL_BIAS_MIN_FEATURES or self.mask is not None
+                or self.conv_general_dilated_cls is not None or inputs.ndim != 4
+                or len(kernel_size) != 2 or padding in ("CIRCULAR", "REFLECT", "CAUSAL")):
+            return super().__call__(inputs)
+        pair = lambda v: (1, 1) if v is None else (v, v) if isinstance(v, int) else tuple(v)
+        kernel = self.param("kernel", self.kernel_init, (
+            *kernel_size, inputs.shape[-1] // self.feature_group_count, self.features),
+            self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = self.conv_general_dilated(
+            inputs, kernel, pair(self.strides), padding, lhs_dilation=pair(self.input_dilation),
+            rhs_dilation=pair(self.kernel_dilation),
+            dimension_numbers=lax.conv_dimension_numbers(inputs.shape, kernel.shape, _NHWC),
+            feature_group_count=self.feature_group_count, precision=self.precision)
+        if y.shape[1] * y.shape[2] < MATMUL_BIAS_MIN_PIXELS:
+            return y + bias
+        return add_bias(y, bias)
 
 
 def fence(f, *args):
