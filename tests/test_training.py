@@ -21,7 +21,7 @@ import optax
 import pytest
 
 import zoo
-from zoo import checkpoints, training
+from zoo import checkpoints, data, training
 
 from conftest import EXAMPLES, ROOT, run_main
 
@@ -207,11 +207,22 @@ def test_save_and_load_model_round_trip(tmp_path):
 
 # ---------------------------------------------------------------- train.py
 
-def test_train_py_writes_its_workdir_and_handles_damaged_checkpoints(tmp_path, env, dataset):
+def test_train_py_writes_its_workdir_and_handles_damaged_checkpoints(tmp_path, env, dataset,
+                                                                     monkeypatch):
     work = tmp_path / "w"
+    drawn = []  # training batches the run takes from its dataset
+    make_dataset = data.make_dataset
+
+    def counted(*args, train, **kwargs):
+        batches = make_dataset(*args, train=train, **kwargs)
+        for b in batches:
+            drawn.append(train)
+            yield b
+    monkeypatch.setattr(data, "make_dataset", counted)
     code, out, err = run_main(flags(work, dataset, "--steps", "10", "--checkpoint-every", "5",
                                     "--eval-every", "5"))
     assert code == 0, err[-3000:]
+    assert drawn.count(True) == 10  # no batch (nor epoch) beyond the last step is opened
     assert out.startswith("test top-1 ") and f"{EXAMPLES} test images" in out
     config = json.loads((work / "config.json").read_text())
     assert config["model"] == "simple_cnn" and config["recipe"]["batch_size"] == 32
@@ -352,8 +363,6 @@ def test_sigterm_saves_then_exits(tmp_path, env, dataset):
 
 @pytest.fixture(scope="module")
 def fashion_mnist():
-    from zoo import data
-
     try:
         data.dataset_info("fashion_mnist")
         data.prepare("fashion_mnist")
@@ -363,8 +372,6 @@ def fashion_mnist():
 
 def test_smoke_train_on_real_fashion_mnist(fashion_mnist):
     """simple_cnn on 512 real images: the loss of the last steps is well below the first."""
-    from zoo import data
-
     info = zoo.model_info("simple_cnn")
     batches = data.make_dataset("fashion_mnist", "train", info=info, global_batch_size=64,
                                 train=True, num_examples=512)

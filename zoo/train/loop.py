@@ -268,7 +268,9 @@ def _loop(config: TrainConfig, setup: _Setup, state, batches, ckpt, stop, mesh) 
     pending, t0, last = [], time.perf_counter(), start
     last_eval: dict | None = None
     last_saved = ckpt.steps()[-1] if ckpt.steps() else None
-    stream = parallel.prefetch(batches, run.place) if start < total else iter(())
+    # exactly the batches the steps take: prefetching past the last one would open (and fill
+    # the shuffle buffer of) an epoch no step uses
+    stream = parallel.prefetch(itertools.islice(batches, max(total - start, 0)), run.place)
     try:
         for step in range(start + 1, total + 1):
             state, metrics = run.step(state, next(stream))
