@@ -7,6 +7,7 @@ cheap. (`tfds.testing.mock_data` is no substitute here: it redirects every etils
 access while a dataset is being opened, Orbax's background checkpoint writes included.)
 """
 
+import functools
 import json
 import signal
 import subprocess
@@ -21,9 +22,9 @@ import optax
 import pytest
 
 import zoo
-from zoo import checkpoints, data, training
+from zoo import checkpoints, data, parallel, training
 
-from conftest import EXAMPLES, ROOT, run_main
+from conftest import EXAMPLES, ROOT, assert_same_update, run_main
 
 
 def flags(workdir, dataset, *extra):
@@ -56,6 +57,42 @@ def test_loss_falls_and_metrics():
     assert int(state.step) == 30
     r = training.evaluate(model, {"params": state.params}, iter([batch]))
     assert r["num_examples"] == 32 and r["top1"] > 50
+
+
+def test_micro_batches_update_as_the_whole_batch():
+    """Gradient accumulation over micro-batches gives the whole batch's update, loss and
+    metrics up to float rounding (masked examples included) for a model without BatchNorm, and
+    is refused for a BatchNorm model or a batch that is not a multiple of the micro-batch."""
+    model = zoo.create_model("simple_cnn")
+    state = training.create_train_state(model, optax.sgd(0.1), (28, 28, 1))
+    batch = synthetic(8)
+    batch["mask"][-3:] = False
+    micro = lambda m: jax.jit(functools.partial(
+        training.train_step, config=training.StepConfig(micro_batch=m)))
+    whole, whole_metrics = jax.jit(training.train_step)(state, batch)
+    split, split_metrics = micro(2)(state, batch)
+    assert_same_update(whole.params, split.params, state.params, rtol=1e-4)
+    for k, v in whole_metrics.items():
+        np.testing.assert_allclose(split_metrics[k], v, rtol=1e-5, err_msg=k)
+    with pytest.raises(ValueError, match="multiple of it"):
+        micro(3)(state, batch)
+    bn = zoo.create_model("resnet20", num_classes=10, in_channels=1)
+    bn_state = training.create_train_state(bn, optax.sgd(0.1), (28, 28, 1))
+    with pytest.raises(ValueError, match="without BatchNorm"):
+        micro(2)(bn_state, batch)
+
+
+def test_micro_batch_is_chosen_for_one_cpu_device_without_batch_norm():
+    cpu = jax.devices("cpu")
+    size = parallel.CPU_MICRO_BATCH
+    assert parallel.micro_batch(2 * size, cpu[:1], batch_norm=False) == size
+    assert parallel.micro_batch(size, cpu[:1], batch_norm=False) is None
+    assert parallel.micro_batch(size + 1, cpu[:1], batch_norm=False) is None
+    assert parallel.micro_batch(2 * size, cpu[:1], batch_norm=True) is None
+    most = parallel.CPU_MAX_MICRO_BATCHES
+    assert parallel.micro_batch(most * size, cpu[:1], batch_norm=False) == size
+    assert parallel.micro_batch((most + 1) * size, cpu[:1], batch_norm=False) is None
+    assert parallel.micro_batch(2 * size, [*cpu[:1]] * 2, batch_norm=False) is None
 
 
 def test_evaluate_ignores_padding():

@@ -30,11 +30,15 @@ class StepConfig:
     """The loss: label smoothing and the weight of auxiliary classifiers (GoogLeNet 0.3);
     `frozen_bn`: every BatchNorm normalises with its running statistics and keeps them, while
     the rest of the model trains as usual (dropout, auxiliary classifiers): torch's
-    `bn.eval()` inside `model.train()`."""
+    `bn.eval()` inside `model.train()`. `micro_batch`: the gradient of a larger batch is the
+    sum of those of its micro-batches of this many examples, computed one after the other
+    (gradient accumulation: the same update up to float rounding for a model without
+    BatchNorm, dropout masks drawn per micro-batch; `zoo.parallel.micro_batch` chooses it)."""
 
     label_smoothing: float = 0.0
     aux_loss_weight: float = 0.0
     frozen_bn: bool = False
+    micro_batch: int | None = None
 
 
 def _running_batch_norm(next_fun, args, kwargs, context):
@@ -108,32 +112,57 @@ def train_step(state: TrainState, batch: dict, *, config: StepConfig = StepConfi
     mask = batch["mask"].astype(jnp.float32)
     count = mask.sum() if not axis_name else jax.lax.psum(mask.sum(), axis_name)
     count = jnp.maximum(count, 1.0)
-    labels = batch["label"]
 
-    def loss_fn(params):
+    def loss_fn(params, part, rng):
         with nn.intercept_methods(_running_batch_norm) if config.frozen_bn else \
                 contextlib.nullcontext():
             out, updates = state.apply_fn(model_variables(params, state.batch_stats),
-                                          batch["image"], train=True, mutable=["batch_stats"],
+                                          part["image"], train=True, mutable=["batch_stats"],
                                           rngs={"dropout": rng})
         if config.frozen_bn:
             updates = {"batch_stats": state.batch_stats}
         logits, aux = _split_outputs(out)
-        loss = (_cross_entropy(logits, labels, config.label_smoothing) * mask).sum()
+        weights, labels = part["mask"].astype(jnp.float32), part["label"]
+        loss = (_cross_entropy(logits, labels, config.label_smoothing) * weights).sum()
         for a in aux:  # GoogLeNet/Inception auxiliary classifiers
             loss += config.aux_loss_weight * (
-                _cross_entropy(a, labels, config.label_smoothing) * mask).sum()
-        return loss / count, (logits, updates.get("batch_stats", {}))
+                _cross_entropy(a, labels, config.label_smoothing) * weights).sum()
+        sums = {f"top{k}": 100 * (_correct(logits, labels, k) * weights).sum() / count
+                for k in (1, 5)}
+        return loss / count, (sums, updates.get("batch_stats", {}))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    sums = {"top1": 100 * (_correct(logits, labels, 1) * mask).sum() / count,
-            "top5": 100 * (_correct(logits, labels, 5) * mask).sum() / count}
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    parts = _micro_batches(batch, config.micro_batch, state.batch_stats, axis_name)
+    if parts is None:
+        (loss, (sums, batch_stats)), grads = grad_fn(state.params, batch, rng)
+    else:  # gradients, loss and metric sums add up over the micro-batches (unrolled: XLA:CPU
+        # ran a rolled loop of train steps 4-25x slower)
+        def accumulate(total, part_index):
+            part, i = part_index
+            (loss, (sums, _)), grads = grad_fn(state.params, part, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, total, (loss, grads, sums)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, (jnp.float32(0), state.params,
+                                               {"top1": jnp.float32(0), "top5": jnp.float32(0)}))
+        (loss, grads, sums), _ = jax.lax.scan(
+            accumulate, zeros, (parts, jnp.arange(len(parts["label"]))), unroll=True)
+        batch_stats = state.batch_stats
     if axis_name:
         grads = jax.lax.psum(grads, axis_name)
         loss, sums = jax.lax.psum((loss, sums), axis_name)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return state, {"loss": loss, **sums}
+
+
+def _micro_batches(batch: dict, micro: int | None, batch_stats, axis_name) -> dict | None:
+    """`batch` as (k, micro, ...) arrays to accumulate over, or None for one whole batch."""
+    size = batch["label"].shape[0]
+    if not micro or size <= micro or axis_name:
+        return None
+    if size % micro or jax.tree.leaves(batch_stats):
+        raise ValueError(f"micro_batch={micro} needs a batch that is a multiple of it (got "
+                         f"{size}) and a model without BatchNorm")
+    return jax.tree.map(lambda a: a.reshape(size // micro, micro, *a.shape[1:]), batch)
 
 
 def _eval_sums(apply_fn, variables: dict, batch: dict) -> dict:
