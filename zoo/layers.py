@@ -51,6 +51,13 @@ def train_mode(module: nn.Module, train: bool | None) -> bool:
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def pair(v, default: int = 1) -> tuple[int, int]:
+    """(H, W) of a flax Conv field given as one int, a pair, or None (`default`)."""
+    if v is None:
+        return default, default
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def _cpu_geometry(lhs, rhs, window_strides, padding, dilations, dimension_numbers,
                   feature_group_count, kwargs):
     """(explicit pads, output (H, W)) of a convolution a CPU fast path may compute: on CPU,
@@ -207,7 +214,6 @@ class Conv(nn.Conv):
                 or self.conv_general_dilated_cls is not None or inputs.ndim != 4
                 or len(kernel_size) != 2 or padding in ("CIRCULAR", "REFLECT", "CAUSAL")):
             return super().__call__(inputs)
-        pair = lambda v: (1, 1) if v is None else (v, v) if isinstance(v, int) else tuple(v)
         kernel = self.param("kernel", self.kernel_init, (
             *kernel_size, inputs.shape[-1] // self.feature_group_count, self.features),
             self.param_dtype)

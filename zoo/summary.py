@@ -114,12 +114,6 @@ def _window(mod: nn.Module, in_shape) -> tuple[int, int, int] | None:
     return None
 
 
-def _pair(v, default: int = 1) -> tuple[int, int]:
-    if v is None:
-        return default, default
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _axes(mod: nn.Module, in_shape) -> list[tuple[int, int, int, tuple[int, int], int]] | None:
     """(N, F, S, (low, high) padding, dilation) of each spatial axis of a conv or square pool
     over an NHWC input; None for any other layer or padding mode."""
@@ -131,9 +125,9 @@ def _axes(mod: nn.Module, in_shape) -> list[tuple[int, int, int, tuple[int, int]
         return [(n, mod.window, s, layers.pool_padding(n, mod.window, s, mod.padding,
                                                        mod.ceil_mode), 1) for n in sizes]
     if not isinstance(mod, nn.Conv) or len(mod.kernel_size) != 2 or any(
-            d != 1 for d in _pair(mod.input_dilation)):
+            d != 1 for d in layers.pair(mod.input_dilation)):
         return None
-    kernel, strides, dilation = tuple(mod.kernel_size), _pair(mod.strides), _pair(
+    kernel, strides, dilation = tuple(mod.kernel_size), layers.pair(mod.strides), layers.pair(
         mod.kernel_dilation)
     padding = canonicalize_padding(mod.padding, 2)
     if isinstance(padding, str):
