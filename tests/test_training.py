@@ -85,14 +85,15 @@ def test_micro_batches_update_as_the_whole_batch():
 def test_micro_batch_is_chosen_for_one_cpu_device_without_batch_norm():
     cpu = jax.devices("cpu")
     size = parallel.CPU_MICRO_BATCH
-    assert parallel.micro_batch(2 * size, cpu[:1], batch_norm=False) == size
-    assert parallel.micro_batch(size, cpu[:1], batch_norm=False) is None
-    assert parallel.micro_batch(size + 1, cpu[:1], batch_norm=False) is None
-    assert parallel.micro_batch(2 * size, cpu[:1], batch_norm=True) is None
+    assert parallel.micro_batch(2 * size, cpu[:1], batch_stats={}) == size
+    assert parallel.micro_batch(size, cpu[:1], batch_stats={}) is None
+    assert parallel.micro_batch(size + 1, cpu[:1], batch_stats={}) is None
+    with_bn = {"bn": {"mean": jnp.zeros(2)}}
+    assert parallel.micro_batch(2 * size, cpu[:1], batch_stats=with_bn) is None
     most = parallel.CPU_MAX_MICRO_BATCHES
-    assert parallel.micro_batch(most * size, cpu[:1], batch_norm=False) == size
-    assert parallel.micro_batch((most + 1) * size, cpu[:1], batch_norm=False) is None
-    assert parallel.micro_batch(2 * size, [*cpu[:1]] * 2, batch_norm=False) is None
+    assert parallel.micro_batch(most * size, cpu[:1], batch_stats={}) == size
+    assert parallel.micro_batch((most + 1) * size, cpu[:1], batch_stats={}) is None
+    assert parallel.micro_batch(2 * size, [*cpu[:1]] * 2, batch_stats={}) is None
 
 
 def test_evaluate_ignores_padding():

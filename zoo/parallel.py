@@ -153,13 +153,14 @@ def _cpu_options_accepted() -> bool:
 CPU_MICRO_BATCH, CPU_MAX_MICRO_BATCHES = 64, 4
 
 
-def micro_batch(batch_size: int, devices, batch_norm: bool) -> int | None:
+def micro_batch(batch_size: int, devices, batch_stats) -> int | None:
     """The `StepConfig.micro_batch` of a train step: `CPU_MICRO_BATCH` for a model without
-    BatchNorm (`batch_norm`: whether it has any) on one CPU device, when the batch is 2 to
-    `CPU_MAX_MICRO_BATCHES` times that; else None (the whole batch at once)."""
+    BatchNorm (no leaf in its `batch_stats`) on one CPU device, when the batch is 2 to
+    `CPU_MAX_MICRO_BATCHES` times that; else None (the whole batch at once). The pmap path
+    ignores it (`zoo.training.train_step`)."""
     devices = list(devices)
     parts, rest = divmod(batch_size, CPU_MICRO_BATCH)
-    if (batch_norm or len(devices) != 1 or devices[0].platform != "cpu" or rest
+    if (jax.tree.leaves(batch_stats) or len(devices) != 1 or devices[0].platform != "cpu" or rest
             or not 2 <= parts <= CPU_MAX_MICRO_BATCHES):
         return None
     return CPU_MICRO_BATCH
