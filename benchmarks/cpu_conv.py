@@ -7,8 +7,9 @@
   each (batch, map, channels) in SHAPES: maps of at most 2x2 outputs take the matmul path, where
   XLA's convolution is 3-40x slower; larger maps keep XLA's convolution, which wins or loses by
   less than 2x up to 7x7 maps and is several times faster on 32x32 maps;
-- forward milliseconds of the one-channel first convolutions in TAPS (simple_cnn's, LeNet's),
-  XLA's against `zoo.layers.conv_taps`' sum of shifted views (what inference runs).
+- forward milliseconds of the few-channel first convolutions in TAPS (simple_cnn's, LeNet's,
+  the CIFAR ResNets' RGB stem), XLA's against `zoo.layers.conv_taps`' sum of shifted views
+  (what inference runs).
 """
 
 import time
@@ -23,7 +24,8 @@ from zoo.parallel import compiler_options
 
 SHAPES = [(32, 1, 512), (32, 2, 512), (32, 2, 256), (32, 4, 256), (32, 4, 512), (8, 7, 512),
           (32, 8, 128), (128, 8, 64), (128, 32, 16)]
-TAPS = [(64, 28, 3, 32, 1), (128, 28, 3, 32, 1), (64, 32, 5, 6, 0), (128, 32, 5, 6, 0)]
+TAPS = [(64, 28, 1, 3, 32, 1), (128, 28, 1, 3, 32, 1), (64, 32, 1, 5, 6, 0), (128, 32, 1, 5, 6, 0),
+        (64, 32, 3, 3, 16, 1), (128, 32, 3, 3, 16, 1)]
 
 
 def matmul_conv(x, w):
@@ -64,16 +66,16 @@ def main() -> None:
             row.append((ms(conv, x, w), ms(grad, x, w)))
         (xf, xb), (mf, mb) = row
         print(f"| {n}x{hw}x{hw}x{c} | {xf:.1f} | {mf:.1f} | {xb:.1f} | {mb:.1f} |", flush=True)
-    print("\n| batch x map x 1, kernel -> channels | XLA fwd ms | conv_taps fwd ms |\n"
+    print("\n| batch x map x channels, kernel -> channels | XLA fwd ms | conv_taps fwd ms |\n"
           "|---|---:|---:|")
-    for n, hw, k, c, pad in TAPS:
-        x = jnp.asarray(rng.normal(size=(n, hw, hw, 1)), jnp.float32)
-        w = jnp.asarray(rng.normal(size=(k, k, 1, c)), jnp.float32)
+    for n, hw, cin, k, c, pad in TAPS:
+        x = jnp.asarray(rng.normal(size=(n, hw, hw, cin)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(k, k, cin, c)), jnp.float32)
         args = ((1, 1), ((pad, pad), (pad, pad)))
         xla = ms(lambda x, w: lax.conv_general_dilated(
             x, w, *args, dimension_numbers=("NHWC", "HWIO", "NHWC")), x, w)
         taps = ms(lambda x, w: conv_taps(x, w, *args, None), x, w)
-        print(f"| {n}x{hw}x{hw}x1, {k}x{k} -> {c} | {xla:.2f} | {taps:.2f} |", flush=True)
+        print(f"| {n}x{hw}x{hw}x{cin}, {k}x{k} -> {c} | {xla:.2f} | {taps:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

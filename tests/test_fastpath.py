@@ -69,20 +69,22 @@ def test_max_pool_on_cpu_has_no_select_and_scatter():
     assert ("select_and_scatter" in jaxpr) != (jax.default_backend() == "cpu")
 
 
-# (H, kernel, Cout, stride, padding) of one-channel convolutions: simple_cnn's 3x3 'same',
-# LeNet's 5x5 valid, a strided odd-sized one
-TAPS = [(28, 3, 32, 1, 1), (32, 5, 6, 1, 0), (9, 5, 4, 2, 2)]
+# (H, kernel, Cin, Cout, stride, padding) of few-channel convolutions: simple_cnn's 3x3 'same',
+# LeNet's 5x5 valid, a strided odd-sized one, the CIFAR ResNets' RGB stem, Inception-v3's
+# (stride 2, valid)
+TAPS = [(28, 3, 1, 32, 1, 1), (32, 5, 1, 6, 1, 0), (9, 5, 1, 4, 2, 2), (10, 3, 3, 16, 1, 1),
+        (11, 3, 3, 32, 2, 0)]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("h, k, cout, stride, pad", TAPS)
-def test_one_channel_convolution_equals_lax(h, k, cout, stride, pad, dtype):
-    """A one-channel input's convolution on CPU sums the kernel's taps (the same terms as lax's
-    convolution, in another order), in inference and under differentiation; its gradients are
-    lax's, exactly."""
+@pytest.mark.parametrize("h, k, cin, cout, stride, pad", TAPS)
+def test_few_channel_convolution_equals_lax(h, k, cin, cout, stride, pad, dtype):
+    """A few-channel input's convolution on CPU sums the kernel's taps over the channels (the
+    same terms as lax's convolution, in another order), in inference and under
+    differentiation; its gradients are lax's, exactly."""
     rng = np.random.default_rng(h + k)
-    x = jnp.asarray(rng.normal(size=(3, h, h + 1, 1)), dtype)
-    w = jnp.asarray(rng.normal(size=(k, k, 1, cout)), dtype)
+    x = jnp.asarray(rng.normal(size=(3, h, h + 1, cin)), dtype)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), dtype)
     args = ((stride, stride), [(pad, pad)] * 2)
     dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     ours = lambda x, w: layers.conv_general_dilated(x, w, *args, dimension_numbers=dn)
@@ -91,11 +93,11 @@ def test_one_channel_convolution_equals_lax(h, k, cout, stride, pad, dtype):
         != (jax.default_backend() == "cpu")
     y, y_ref = jax.jit(ours)(x, w), jax.jit(ref)(x, w)
     assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
-    # k*k products summed in another order: float32 rounding of each partial sum,
+    # k*k*cin products summed in another order: float32 rounding of each partial sum,
     # or one bfloat16 rounding (2^-8) of the result either way
     terms = jax.jit(lambda x, w: ref(jnp.abs(x), jnp.abs(w)))(x.astype(jnp.float32),
                                                                w.astype(jnp.float32))
-    eps = k * k * 2.0 ** -24 if dtype == jnp.float32 else 2.0 ** -7
+    eps = k * k * cin * 2.0 ** -24 if dtype == jnp.float32 else 2.0 ** -7
     (y1, vjp), (y2, vjp_ref) = jax.vjp(ours, x, w), jax.vjp(ref, x, w)
     for a in (y, y1):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(y_ref, np.float32),
@@ -103,6 +105,19 @@ def test_one_channel_convolution_equals_lax(h, k, cout, stride, pad, dtype):
     g = jnp.asarray(rng.normal(size=y2.shape), dtype)
     for a, b in zip(vjp(g), vjp_ref(g)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("k, cin, cout, taps", [
+    (3, 1, 64, True), (5, 1, 6, True), (3, 3, 16, True), (3, 3, 32, True),
+    (3, 3, 64, False), (5, 3, 16, False), (3, 4, 16, False), (7, 3, 64, False)])
+def test_which_convolutions_sum_taps(k, cin, cout, taps):
+    """On CPU, one-channel inputs and at most 27-term kernels into at most 32 channels sum
+    taps; every other convolution (and every one off CPU) stays lax's."""
+    x, w = jnp.zeros((2, 12, 12, cin)), jnp.zeros((k, k, cin, cout))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=dn))(x, w))
+    assert ("conv_general_dilated" not in jaxpr) == (taps and jax.default_backend() == "cpu")
 
 
 # (N, H, W, C) of BatchNorm inputs: ResNet-20's stages, an odd map, a dense (N, C) input

@@ -86,11 +86,18 @@ def _views(x, kernel, strides, out):
             for i in range(kh) for j in range(kw)]
 
 
+# The multi-channel convolutions that take `conv_taps` on CPU: at most 27 terms (a 3x3 kernel
+# on RGB: the CIFAR ResNets' and Inception-v3's stems) and 32 output channels (VGG's 64-channel
+# stem at 224 px lost in training).
+TAPS_MAX_TERMS, TAPS_MAX_FEATURES = 27, 32
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv_taps(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], ...], precision):
-    """An NHWC x HWIO convolution of a one-channel input as the sum over its kernel taps (i, j)
-    of the shifted strided input times that tap's row of weights: elementwise work XLA fuses
-    into one loop, many times faster than XLA:CPU's convolution for such inputs.
+    """An NHWC x HWIO convolution of a few-channel input as the sum over its kernel taps (i, j)
+    and input channels c of the shifted strided input's channel c times that tap's row of
+    weights: elementwise work XLA fuses into one loop, several times faster than XLA:CPU's
+    convolution for such inputs.
 
     The sum is computed once (`fence`) wherever XLA would otherwise recompute it inside each
     consumer: always under differentiation (the backward pass adds consumers), and in inference
@@ -107,13 +114,13 @@ def _fenced_taps(x, w, strides, pads):
 
 
 def _taps_sum(x, w, strides, pads):
-    kh, kw, _, _ = w.shape
+    kh, kw, cin, _ = w.shape
     acc = jnp.promote_types(x.dtype, jnp.float32)
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0))).astype(acc)
     out = [conv_output_size(n, k, s, 0, rounding="floor")
            for n, k, s in zip(xp.shape[1:3], (kh, kw), strides)]
-    taps = [view * w[k // kw, k % kw, 0].astype(acc)
-            for k, view in enumerate(_views(xp, (kh, kw), strides, out))]
+    taps = [view[..., c:c + 1] * w[k // kw, k % kw, c].astype(acc)
+            for k, view in enumerate(_views(xp, (kh, kw), strides, out)) for c in range(cin)]
     return functools.reduce(jnp.add, taps).astype(jnp.result_type(x, w))
 
 
@@ -141,8 +148,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
     - at most 2x2 outputs (ResNet's and VGG's last stage at 32-64 px inputs): one matmul over
       the input's patches;
-    - one input channel (MNIST-like images' first convolution): `conv_taps`, a fused sum of
-      shifted views.
+    - one input channel (MNIST-like images' first convolution), or a 3x3 kernel on RGB into at
+      most 32 channels (`TAPS_MAX_TERMS`, `TAPS_MAX_FEATURES`: the CIFAR ResNets' stem):
+      `conv_taps`, a fused sum of shifted views.
 
     Same sum, same parameters.
     """
@@ -160,7 +168,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             _views(x, rhs.shape[:2], window_strides, (ho, wo)), axis=-1)
         return lax.dot_general(patches, rhs.reshape(-1, rhs.shape[-1]),
                                (((3,), (0,)), ((), ())), precision=kwargs.get("precision"))
-    if rhs.shape[2] == 1:
+    kh, kw, cin, cout = rhs.shape
+    if cin == 1 or (kh * kw * cin <= TAPS_MAX_TERMS and cout <= TAPS_MAX_FEATURES):
         return conv_taps(lhs, rhs, tuple(window_strides), pads, kwargs.get("precision"))
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
