@@ -120,6 +120,58 @@ def test_which_convolutions_sum_taps(k, cin, cout, taps):
     assert ("conv_general_dilated" not in jaxpr) == (taps and jax.default_backend() == "cpu")
 
 
+# (N, H, W, Cin, Cout, height padding) of paired convolutions: ResNet-20's first stage, an odd
+# height with uneven padding and other channel counts, a valid height
+PAIRS = [(2, 8, 8, 16, 16, (1, 1)), (3, 5, 6, 3, 7, (0, 2)), (2, 4, 10, 16, 5, (0, 0))]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("n, h, w, cin, cout, pads_h", PAIRS)
+def test_paired_convolution_equals_lax(n, h, w, cin, cout, pads_h, dtype):
+    """`conv_pairs` sums the same products as lax's convolution (plus zeros, in another
+    order), and so does its input gradient; its weight gradient is lax's, exactly."""
+    rng = np.random.default_rng(h * w + cin)
+    x = jnp.asarray(rng.normal(size=(n, h, w, cin)), dtype)
+    k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), dtype)
+    ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), [pads_h, (1, 1)],
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, k: layers.conv_pairs(x, k, pads_h, None)
+    (y, vjp), (y_ref, vjp_ref) = jax.vjp(ours, x, k), jax.vjp(ref, x, k)
+    g = jnp.asarray(rng.normal(size=y_ref.shape), dtype)
+    (dx, dk), (dx_ref, dk_ref) = vjp(g), vjp_ref(g)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype and dx.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(dk, np.float32), np.asarray(dk_ref, np.float32))
+    # 9 * cin products (9 * cout in the input gradient) summed in another order: float32
+    # rounding of each partial sum, or one bfloat16 rounding (2^-8) of the result either way
+    f32 = lambda a: jnp.abs(a.astype(jnp.float32))
+    terms = ref(f32(x), f32(k))
+    terms_dx = jax.vjp(lambda x: ref(x, f32(k)), f32(x))[1](f32(g))[0]
+    for a, b, t, count in ((y, y_ref, terms, cin), (dx, dx_ref, terms_dx, cout)):
+        eps = 9 * count * 2.0 ** -24 if dtype == jnp.float32 else 2.0 ** -7
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=0, atol=float(eps * jnp.max(t)))
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding, paired", [
+    ((2, 8, 8, 16), (3, 3, 16, 16), 1, "SAME", True),
+    ((2, 7, 8, 8), (3, 3, 8, 12), 1, "SAME", True),
+    ((2, 8, 8, 16), (3, 3, 16, 32), 1, "SAME", False),
+    ((2, 8, 7, 16), (3, 3, 16, 16), 1, "SAME", False),
+    ((2, 8, 8, 16), (3, 3, 16, 16), 2, "SAME", False),
+    ((2, 8, 8, 16), (5, 5, 16, 16), 1, "SAME", False),
+    ((2, 8, 8, 16), (3, 3, 16, 16), 1, "VALID", False)])
+def test_which_convolutions_pair_columns(shape, kernel, stride, padding, paired):
+    """On CPU, stride-1 3-wide kernels padded by 1 on even widths with at most
+    PAIRS_MAX_CHANNELS channels in and out take the paired convolution (its (3, 2, 2C, 2K)
+    kernel); every other convolution does not."""
+    x, w = jnp.zeros(shape), jnp.zeros(kernel)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=dn))(x, w))
+    pair_kernel = f"f32[3,2,{2 * kernel[2]},{2 * kernel[3]}]"
+    assert (pair_kernel in jaxpr) == (paired and jax.default_backend() == "cpu")
+
+
 # (N, H, W, C) of BatchNorm inputs: ResNet-20's stages, an odd map, a dense (N, C) input
 NORMS = [(8, 8, 8, 16), (4, 7, 5, 32), (2, 3, 3, 64), (16, 24)]
 

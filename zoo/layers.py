@@ -140,17 +140,71 @@ def _conv_taps_bwd(strides, pads, precision, residuals, g):
 conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
+# The widest convolutions (input and output channels) that `conv_pairs` computes on CPU: the
+# CIFAR ResNets' first stage (16); at 32 channels on 16x16 maps the pairs were slower.
+PAIRS_MAX_CHANNELS = 16
+
+
+def _pairs_kernel(w):
+    """The (kh, 2, 2C, 2K) kernel of `conv_pairs`: from pixel p of input pair a to output
+    pixel q, `w`'s column 2a + p - q (zeros outside the kernel)."""
+    kh, _, c, k = w.shape
+    zero = jnp.zeros((kh, c, k), w.dtype)
+    taps = jnp.stack([jnp.stack([jnp.stack([w[:, t] if 0 <= (t := 2 * a + p - q) <= 2 else zero
+                                            for q in (0, 1)]) for p in (0, 1)]) for a in (0, 1)])
+    return taps.transpose(3, 0, 1, 4, 2, 5).reshape(kh, 2, 2 * c, 2 * k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_pairs(x, w, pads_h: tuple[int, int], precision=None):
+    """A stride-1 NHWC x HWIO convolution with a 3-wide kernel padded by 1 left and right, of
+    an even-width input, over pairs of adjacent columns: the input reshaped to (N, H, W/2, 2C),
+    a (kh, 2) kernel from 2C to 2K channels whose output pairs are the columns (2m - 1, 2m),
+    reshaped to W + 2 columns of which the first and the last are dropped.
+
+    XLA:CPU's convolution runs far from its peak on 16-channel maps, where each input patch it
+    packs feeds 16 outputs; the paired one does 4/3 of the multiplications (the kernel's zeros)
+    on twice the channels, faster. The reshape is `fence`d, or XLA fuses it into the producer,
+    whose loop in the paired shape was several times slower. The input gradient is the same
+    paired convolution of the cotangent (the kernel flipped and transposed); the weight
+    gradient is lax's (as a paired convolution XLA:CPU ran it off its fast path)."""
+    n, h, wd, c = x.shape
+    x = fence(lambda x: x.reshape(n, h, wd // 2, 2 * c), x)
+    y = lax.conv_general_dilated(x, _pairs_kernel(w), (1, 1), (pads_h, (1, 1)),
+                                 dimension_numbers=_NHWC, precision=precision)
+    return y.reshape(*y.shape[:2], wd + 2, w.shape[-1])[:, :, 1:-1]
+
+
+def _conv_pairs_fwd(x, w, pads_h, precision):
+    return conv_pairs(x, w, pads_h, precision), (x, w)
+
+
+def _conv_pairs_bwd(pads_h, precision, residuals, g):
+    x, w = residuals
+    conv = _lax_conv((1, 1), (pads_h, (1, 1)), precision)
+    kh = w.shape[0]
+    dx = conv_pairs(g, jnp.flip(w, (0, 1)).swapaxes(2, 3),
+                    (kh - 1 - pads_h[0], kh - 1 - pads_h[1]), precision)
+    return dx, jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+
+
+conv_pairs.defvjp(_conv_pairs_fwd, _conv_pairs_bwd)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, **kwargs):
-    """`lax.conv_general_dilated`, except for two kinds of NHWC convolution on CPU, where
-    XLA:CPU's convolution is many times slower than the same sum computed another way
-    (`benchmarks/cpu_conv.py` measures both; README, Benchmarks):
+    """`lax.conv_general_dilated`, except for three kinds of NHWC convolution on CPU, where
+    XLA:CPU's convolution is slower than the same sum computed another way
+    (`benchmarks/cpu_conv.py` measures them; README, Benchmarks):
 
     - at most 2x2 outputs (ResNet's and VGG's last stage at 32-64 px inputs): one matmul over
       the input's patches;
     - one input channel (MNIST-like images' first convolution), or a 3x3 kernel on RGB into at
       most 32 channels (`TAPS_MAX_TERMS`, `TAPS_MAX_FEATURES`: the CIFAR ResNets' stem):
-      `conv_taps`, a fused sum of shifted views.
+      `conv_taps`, a fused sum of shifted views;
+    - stride 1, a 3-wide kernel padded by 1 on both sides of an even width, at most 16
+      channels in and out (`PAIRS_MAX_CHANNELS`: the CIFAR ResNets' first stage):
+      `conv_pairs`.
 
     Same sum, same parameters.
     """
@@ -171,6 +225,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     kh, kw, cin, cout = rhs.shape
     if cin == 1 or (kh * kw * cin <= TAPS_MAX_TERMS and cout <= TAPS_MAX_FEATURES):
         return conv_taps(lhs, rhs, tuple(window_strides), pads, kwargs.get("precision"))
+    if (kw == 3 and pads[1] == (1, 1) and all(0 <= p < kh for p in pads[0])
+            and tuple(window_strides) == (1, 1) and lhs.shape[2] % 2 == 0
+            and max(cin, cout) <= PAIRS_MAX_CHANNELS):
+        return conv_pairs(lhs, rhs, tuple(pads[0]), kwargs.get("precision"))
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     **kwargs)
