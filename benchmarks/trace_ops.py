@@ -7,7 +7,14 @@ thunks (the events on XLA's worker threads, without the executor's own wrappers)
 per op kind (the HLO name without its numeric suffix: `ynn_fusion`, `wrapped_reduce-window`,
 `select-and-scatter`, ...) and per op, the milliseconds per step (`--steps`: the steps of the
 traced window, the bench's `steps_per_window`), their share of the thunk time, and the busy
-time of each thread against the window's wall time: how many cores XLA kept busy.
+time of each thread against the window's wall time.
+
+XLA:CPU's convolutions (Eigen's, with the zoo's CPU options) return from their thunk at once
+and run as tasks on Eigen's thread pool, which the profiler does not see: a convolution's
+event holds only its dispatch. So the shares are those of everything but the convolutions'
+arithmetic, and the thunk time against the wall time says how much of the cores' time was
+*not* convolution (e.g. resnet20 inference 0.2 of 2 busy cores, training 0.5). Time the
+convolutions themselves with `benchmarks/cpu_conv.py`.
 """
 
 from __future__ import annotations
@@ -62,7 +69,8 @@ def main(argv=None) -> None:
         busy[e["thread"]] += e["dur"]
     print(f"\nthunk time {per(total)} ms/step", end="")
     if wall:
-        print(f"; window wall {per(wall)} ms/step; cores kept busy {total / wall:.2f}")
+        print(f"; window wall {per(wall)} ms/step; thunk time / wall {total / wall:.2f} "
+              "(convolutions' arithmetic not included)")
         for thread, us in busy.most_common():
             print(f"  {thread}: {us / wall:.0%} of the window")
     else:
