@@ -69,7 +69,7 @@ def test_max_pool_on_cpu_has_no_select_and_scatter():
     assert ("select_and_scatter" in jaxpr) != (jax.default_backend() == "cpu")
 
 
-# (H, kernel, Cin, Cout, stride, padding) of few-channel convolutions: simple_cnn's 3x3 'same',
+# (H, kernel, Cin, Cout, stride, padding) of one- and three-channel convolutions: simple_cnn's 3x3 'same',
 # LeNet's 5x5 valid, a strided odd-sized one, the CIFAR ResNets' RGB stem, Inception-v3's
 # (stride 2, valid)
 TAPS = [(28, 3, 1, 32, 1, 1), (32, 5, 1, 6, 1, 0), (9, 5, 1, 4, 2, 2), (10, 3, 3, 16, 1, 1),
@@ -79,7 +79,7 @@ TAPS = [(28, 3, 1, 32, 1, 1), (32, 5, 1, 6, 1, 0), (9, 5, 1, 4, 2, 2), (10, 3, 3
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("h, k, cin, cout, stride, pad", TAPS)
 def test_few_channel_convolution_equals_lax(h, k, cin, cout, stride, pad, dtype):
-    """A few-channel input's convolution on CPU sums the kernel's taps over the channels (the
+    """A one- or three-channel input's convolution on CPU sums the kernel's taps over the channels (the
     same terms as lax's convolution, in another order), in inference and under
     differentiation; its gradients are lax's, exactly."""
     rng = np.random.default_rng(h + k)
@@ -108,11 +108,12 @@ def test_few_channel_convolution_equals_lax(h, k, cin, cout, stride, pad, dtype)
 
 
 @pytest.mark.parametrize("k, cin, cout, taps", [
-    (3, 1, 64, True), (5, 1, 6, True), (3, 3, 16, True), (3, 3, 32, True),
-    (3, 3, 64, False), (5, 3, 16, False), (3, 4, 16, False), (7, 3, 64, False)])
+    (3, 1, 64, True), (5, 1, 6, True), (3, 3, 16, True), (3, 3, 32, True), (1, 3, 8, True),
+    (3, 3, 64, False), (5, 3, 16, False), (3, 4, 16, False), (7, 3, 64, False),
+    (1, 16, 16, False), (3, 2, 16, False)])
 def test_which_convolutions_sum_taps(k, cin, cout, taps):
-    """On CPU, one-channel inputs and at most 27-term kernels into at most 32 channels sum
-    taps; every other convolution (and every one off CPU) stays lax's."""
+    """On CPU, one-channel inputs, and RGB inputs with kernels of at most 3x3 into at most 32
+    channels, sum taps; every other convolution (and every one off CPU) stays lax's."""
     x, w = jnp.zeros((2, 12, 12, cin)), jnp.zeros((k, k, cin, cout))
     dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(

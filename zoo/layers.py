@@ -86,15 +86,15 @@ def _views(x, kernel, strides, out):
             for i in range(kh) for j in range(kw)]
 
 
-# The multi-channel convolutions that take `conv_taps` on CPU: at most 27 terms (a 3x3 kernel
-# on RGB: the CIFAR ResNets' and Inception-v3's stems) and 32 output channels (VGG's 64-channel
-# stem at 224 px lost in training).
-TAPS_MAX_TERMS, TAPS_MAX_FEATURES = 27, 32
+# The RGB convolutions that take `conv_taps` on CPU: kernels of at most 3x3 (the CIFAR ResNets'
+# and Inception-v3's stems) into at most 32 channels (VGG's 64-channel stem at 224 px lost in
+# training).
+TAPS_RGB_MAX_TAPS, TAPS_RGB_MAX_FEATURES = 9, 32
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv_taps(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], ...], precision):
-    """An NHWC x HWIO convolution of a few-channel input as the sum over its kernel taps (i, j)
+    """An NHWC x HWIO convolution of a one- or three-channel input as the sum over its kernel taps (i, j)
     and input channels c of the shifted strided input's channel c times that tap's row of
     weights: elementwise work XLA fuses into one loop, several times faster than XLA:CPU's
     convolution for such inputs.
@@ -199,9 +199,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
     - at most 2x2 outputs (ResNet's and VGG's last stage at 32-64 px inputs): one matmul over
       the input's patches;
-    - one input channel (MNIST-like images' first convolution), or a 3x3 kernel on RGB into at
-      most 32 channels (`TAPS_MAX_TERMS`, `TAPS_MAX_FEATURES`: the CIFAR ResNets' stem):
-      `conv_taps`, a fused sum of shifted views;
+    - one input channel (MNIST-like images' first convolution), or RGB with a kernel of at
+      most 3x3 into at most 32 channels (`TAPS_RGB_MAX_TAPS`, `TAPS_RGB_MAX_FEATURES`: the
+      CIFAR ResNets' stem): `conv_taps`, a fused sum of shifted views;
     - stride 1, a 3-wide kernel padded by 1 on both sides of an even width, at most 16
       channels in and out (`PAIRS_MAX_CHANNELS`: the CIFAR ResNets' first stage):
       `conv_pairs`.
@@ -223,7 +223,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return lax.dot_general(patches, rhs.reshape(-1, rhs.shape[-1]),
                                (((3,), (0,)), ((), ())), precision=kwargs.get("precision"))
     kh, kw, cin, cout = rhs.shape
-    if cin == 1 or (kh * kw * cin <= TAPS_MAX_TERMS and cout <= TAPS_MAX_FEATURES):
+    if cin == 1 or (cin == 3 and kh * kw <= TAPS_RGB_MAX_TAPS
+                    and cout <= TAPS_RGB_MAX_FEATURES):
         return conv_taps(lhs, rhs, tuple(window_strides), pads, kwargs.get("precision"))
     if (kw == 3 and pads[1] == (1, 1) and all(0 <= p < kh for p in pads[0])
             and tuple(window_strides) == (1, 1) and lhs.shape[2] % 2 == 0
