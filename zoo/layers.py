@@ -11,6 +11,7 @@ here, where it has always been importable from; the sizes computed here come fro
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import flax.linen as nn
@@ -94,10 +95,10 @@ TAPS_RGB_MAX_TAPS, TAPS_RGB_MAX_FEATURES = 9, 32
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv_taps(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], ...], precision):
-    """An NHWC x HWIO convolution of a one- or three-channel input as the sum over its kernel taps (i, j)
-    and input channels c of the shifted strided input's channel c times that tap's row of
-    weights: elementwise work XLA fuses into one loop, several times faster than XLA:CPU's
-    convolution for such inputs.
+    """An NHWC x HWIO convolution of a one- or three-channel input as the sum over its kernel
+    taps (i, j) and input channels c of the shifted strided input's channel c times that tap's
+    row of weights: elementwise work XLA fuses into one loop, several times faster than
+    XLA:CPU's convolution for such inputs.
 
     The sum is computed once (`fence`) wherever XLA would otherwise recompute it inside each
     consumer: always under differentiation (the backward pass adds consumers), and in inference
@@ -149,10 +150,11 @@ def _pairs_kernel(w):
     """The (kh, 2, 2C, 2K) kernel of `conv_pairs`: from pixel p of input pair a to output
     pixel q, `w`'s column 2a + p - q (zeros outside the kernel)."""
     kh, _, c, k = w.shape
-    zero = jnp.zeros((kh, c, k), w.dtype)
-    taps = jnp.stack([jnp.stack([jnp.stack([w[:, t] if 0 <= (t := 2 * a + p - q) <= 2 else zero
-                                            for q in (0, 1)]) for p in (0, 1)]) for a in (0, 1)])
-    return taps.transpose(3, 0, 1, 4, 2, 5).reshape(kh, 2, 2 * c, 2 * k)
+    paired = jnp.zeros((kh, 2, 2, c, 2, k), w.dtype)  # (i, a, p, c, q, k)
+    for a, p, q in itertools.product((0, 1), repeat=3):
+        if 0 <= 2 * a + p - q <= 2:
+            paired = paired.at[:, a, p, :, q].set(w[:, 2 * a + p - q])
+    return paired.reshape(kh, 2, 2 * c, 2 * k)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
