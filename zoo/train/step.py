@@ -142,8 +142,9 @@ def train_step(state: TrainState, batch: dict, *, config: StepConfig = StepConfi
             (loss, (sums, _)), grads = grad_fn(state.params, part, jax.random.fold_in(rng, i))
             return jax.tree.map(jnp.add, total, (loss, grads, sums)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, (jnp.float32(0), state.params,
-                                               {"top1": jnp.float32(0), "top5": jnp.float32(0)}))
+        (loss, (sums, _)), grads = jax.eval_shape(
+            grad_fn, state.params, jax.tree.map(lambda a: a[0], parts), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, grads, sums))
         (loss, grads, sums), _ = jax.lax.scan(
             accumulate, zeros, (parts, jnp.arange(len(parts["label"]))), unroll=True)
         batch_stats = state.batch_stats
