@@ -130,6 +130,9 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    from zoo import parallel
+
+    parallel.keep_host_memory()
     try:
         result = run(args)
     except (ValueError, OSError) as e:  # CheckpointError, ConversionError, DatasetNotFoundError

@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     from zoo import parallel, training
 
+    parallel.keep_host_memory()
     try:
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         config = config_from_args(args)

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, _, help_) in _DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
     if argv and argv[0] in _DELEGATED:
+        from zoo import parallel
+
+        parallel.keep_host_memory()
         module, function, _ = _DELEGATED[argv[0]]
         return getattr(importlib.import_module(module), function)(argv[1:])
     args = parser.parse_args(argv)

@@ -146,6 +146,33 @@ def _cpu_options_accepted() -> bool:
     return True
 
 
+# mallopt's parameters (glibc's malloc.h): the size above which freed memory at the heap's top
+# goes back to the kernel, and the most chunks served by mmap (0: none).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_host_memory() -> bool:
+    """Sets this process up so that XLA:CPU's runs reuse their memory instead of faulting it in
+    from the kernel again at every step; call it before the first JAX computation (`train.py`,
+    `evaluate.py` and `python -m zoo` do). Returns whether glibc's malloc was tuned.
+
+    XLA:CPU allocates a run's temporaries as one block. glibc's malloc maps a block above 32 MiB
+    afresh and unmaps it when freed, and a worker thread's arena does so for any block it
+    cannot hold, so every train step whose activations outgrow that paid a page fault per 4 KiB
+    of them. Here CPU executions run on the calling thread (JAX's CPU async dispatch off: the
+    dispatch mode is fixed when JAX makes its CPU client), whose allocations come from the main
+    arena, and that arena neither maps chunks of its own nor trims freed memory: the process
+    keeps its peak host memory for reuse. Other backends' executions are not affected."""
+    import ctypes
+    import platform
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 # The micro-batch a train step on one CPU device splits larger batches into, and the most
 # micro-batches it makes (each is its own copy of the step's program: compile time grows with
 # them): simple_cnn and lenet5 trained faster per image at batch 32-64 than at 128, where the
