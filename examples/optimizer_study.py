@@ -17,7 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from zoo import training, viz  # noqa: E402
+from zoo import parallel, training, viz  # noqa: E402
 
 # optimizer -> learning rate (the usual defaults: 1e-3 for adaptive methods, 0.05 for SGD)
 OPTIMIZERS = {"adam": 1e-3, "rmsprop": 1e-3, "momentum": 0.05, "adamw": 1e-3}
@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/optimizer_study")
     p.add_argument("--workdir", default="runs/optimizer_study")
     args = p.parse_args(argv)
+    parallel.keep_host_memory()  # before JAX starts: CPU steps reuse their memory
     rows, workdirs = [], []
     for name, lr in OPTIMIZERS.items():
         recipe = training.Recipe(name, lr, batch_size=64, epochs=args.epochs, schedule="cosine",

@@ -22,7 +22,7 @@ import optax
 import pytest
 
 import zoo
-from zoo import checkpoints, data, parallel, training
+from zoo import checkpoints, data, training
 
 from conftest import EXAMPLES, ROOT, assert_same_update, run_main
 
@@ -80,20 +80,6 @@ def test_micro_batches_update_as_the_whole_batch():
     bn_state = training.create_train_state(bn, optax.sgd(0.1), (28, 28, 1))
     with pytest.raises(ValueError, match="without BatchNorm"):
         micro(2)(bn_state, batch)
-
-
-def test_micro_batch_is_chosen_for_one_cpu_device_without_batch_norm():
-    cpu = jax.devices("cpu")
-    size = parallel.CPU_MICRO_BATCH
-    assert parallel.micro_batch(2 * size, cpu[:1], batch_stats={}) == size
-    assert parallel.micro_batch(size, cpu[:1], batch_stats={}) is None
-    assert parallel.micro_batch(size + 1, cpu[:1], batch_stats={}) is None
-    with_bn = {"bn": {"mean": jnp.zeros(2)}}
-    assert parallel.micro_batch(2 * size, cpu[:1], batch_stats=with_bn) is None
-    most = parallel.CPU_MAX_MICRO_BATCHES
-    assert parallel.micro_batch(most * size, cpu[:1], batch_stats={}) == size
-    assert parallel.micro_batch((most + 1) * size, cpu[:1], batch_stats={}) is None
-    assert parallel.micro_batch(2 * size, [*cpu[:1]] * 2, batch_stats={}) is None
 
 
 def test_evaluate_ignores_padding():

@@ -206,9 +206,7 @@ def zoo_timer(name: str, mode: str, batch_size: int, dtype: str, input_shape, nu
             out_shardings=(split, replicated))()
         if remat:
             state = state.replace(apply_fn=_remat(model.apply))
-        step_cfg = training.StepConfig(
-            aux_loss_weight=zoo.model_info(name).aux_loss_weight,
-            micro_batch=parallel.micro_batch(batch_size, devices, state.batch_stats))
+        step_cfg = training.StepConfig(aux_loss_weight=zoo.model_info(name).aux_loss_weight)
         jitted = parallel.jit_step(functools.partial(training.train_step, config=step_cfg),
                                    mesh, donate=donate)
         carry = {"state": state}

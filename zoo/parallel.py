@@ -173,26 +173,6 @@ def keep_host_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-# The micro-batch a train step on one CPU device splits larger batches into, and the most
-# micro-batches it makes (each is its own copy of the step's program: compile time grows with
-# them): simple_cnn and lenet5 trained faster per image at batch 32-64 than at 128, where the
-# activations outgrow the caches (README, Benchmarks).
-CPU_MICRO_BATCH, CPU_MAX_MICRO_BATCHES = 64, 4
-
-
-def micro_batch(batch_size: int, devices, batch_stats) -> int | None:
-    """The `StepConfig.micro_batch` of a train step: `CPU_MICRO_BATCH` for a model without
-    BatchNorm (no leaf in its `batch_stats`) on one CPU device, when the batch is 2 to
-    `CPU_MAX_MICRO_BATCHES` times that; else None (the whole batch at once). The pmap path
-    ignores it (`zoo.training.train_step`)."""
-    devices = list(devices)
-    parts, rest = divmod(batch_size, CPU_MICRO_BATCH)
-    if (jax.tree.leaves(batch_stats) or len(devices) != 1 or devices[0].platform != "cpu" or rest
-            or not 2 <= parts <= CPU_MAX_MICRO_BATCHES):
-        return None
-    return CPU_MICRO_BATCH
-
-
 def compiler_options(devices=None) -> dict | None:
     """The XLA options every program the zoo compiles for `devices` (default: all) gets:
     `CPU_COMPILER_OPTIONS` on CPU, none elsewhere, and none where XLA_FLAGS already sets

@@ -242,8 +242,7 @@ def _loop(config: TrainConfig, setup: _Setup, state, batches, ckpt, stop, mesh) 
     workdir = Path(config.workdir)
     step_fn = functools.partial(train_step, config=StepConfig(
         config.recipe.label_smoothing, setup.info.aux_loss_weight,
-        frozen_bn=config.recipe.freeze in ("bn", "backbone"), micro_batch=parallel.micro_batch(
-            config.recipe.batch_size, mesh.devices.flat, state.batch_stats)))
+        frozen_bn=config.recipe.freeze in ("bn", "backbone")))
     run = parallel.compile_step(step_fn, mesh, config.parallel)
     state = run.prepare(state)
     start, total, per_epoch = int(np.asarray(run.local(state).step)), setup.total_steps, \

@@ -33,7 +33,7 @@ class StepConfig:
     `bn.eval()` inside `model.train()`. `micro_batch`: the gradient of a larger batch is the
     sum of those of its micro-batches of this many examples, computed one after the other
     (gradient accumulation: the same update up to float rounding for a model without
-    BatchNorm, dropout masks drawn per micro-batch; `zoo.parallel.micro_batch` chooses it)."""
+    BatchNorm, dropout masks drawn per micro-batch; the pmap path ignores it)."""
 
     label_smoothing: float = 0.0
     aux_loss_weight: float = 0.0
