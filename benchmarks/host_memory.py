@@ -20,7 +20,6 @@ import resource
 import statistics
 import time
 
-
 import zoo
 from zoo import bench, parallel
 
@@ -43,7 +42,7 @@ def main() -> None:
     mallopt = ctypes.CDLL(None).mallopt
     settings = {"default": [(M_MMAP_THRESHOLD, 32 << 20), (parallel._M_TRIM_THRESHOLD, 64 << 20),
                             (parallel._M_MMAP_MAX, 65536)],
-                "kept": [(parallel._M_MMAP_MAX, 0), (parallel._M_TRIM_THRESHOLD, 2**31 - 1)]}
+                "kept": parallel.KEPT_MALLOC}
     for name in args.models:
         info = zoo.model_info(name)
         for mode in args.modes:

@@ -147,8 +147,10 @@ def _cpu_options_accepted() -> bool:
 
 
 # mallopt's parameters (glibc's malloc.h): the size above which freed memory at the heap's top
-# goes back to the kernel, and the most chunks served by mmap (0: none).
+# goes back to the kernel, and the most chunks served by mmap; `keep_host_memory`'s settings of
+# them: no mmap'd chunks, no trimming.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+KEPT_MALLOC = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def keep_host_memory() -> bool:
@@ -170,7 +172,7 @@ def keep_host_memory() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
-    return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(mallopt(option, value) for option, value in KEPT_MALLOC)
 
 
 def compiler_options(devices=None) -> dict | None:
