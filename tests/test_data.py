@@ -9,7 +9,7 @@ from PIL import Image
 
 import zoo
 from zoo import data
-from zoo.data import preparation
+from zoo.data import pipeline, preparation
 
 
 def first(it, n=1):
@@ -137,21 +137,21 @@ def test_resume_at_step_n_gives_the_same_batches(fashion_mnist):
     assert not np.array_equal(straight[0]["label"], straight[8]["label"])  # reshuffled
 
 
-def test_next_epoch_opened_ahead_gives_the_same_batches(fashion_mnist):
-    """`total_steps` opens each next epoch in a background thread: the same batches, from the
-    start and resumed inside an epoch."""
-    kw = dict(info=zoo.model_info("simple_cnn"), global_batch_size=32, train=True, seed=3,
-              num_examples=256)  # 8 steps an epoch
-    plain = first(data.make_dataset("fashion_mnist", "train", **kw), 20)
-    ahead = first(data.make_dataset("fashion_mnist", "train", total_steps=20, **kw), 20)
-    resumed = first(data.make_dataset("fashion_mnist", "train", start_step=5, total_steps=20,
-                                      **kw), 15)
-    for a, b in zip(plain, ahead):
-        np.testing.assert_array_equal(a["image"], b["image"])
-        np.testing.assert_array_equal(a["label"], b["label"])
-    for a, b in zip(plain[5:], resumed):
-        np.testing.assert_array_equal(a["image"], b["image"])
-        np.testing.assert_array_equal(a["label"], b["label"])
+def test_training_order_is_each_epochs_seeded_shuffle(fashion_mnist):
+    """One iterator serves every epoch (the epoch a tensor inside the pipeline), and epoch e is
+    still the order of a shuffle buffer seeded by seed * 1,000,003 + e: from the start, and
+    resumed inside an epoch."""
+    base = pipeline._source(pipeline.dataset_info("fashion_mnist"), "train[:200]")
+    as_is = lambda i, ex, seed: ex
+    labels = lambda batches: np.concatenate([b["label"] for b in batches])
+    expected = np.concatenate([  # 6 whole batches of 32 an epoch: its last 8 examples left out
+        [ex["label"] for ex in base.shuffle(200, seed=5 * 1_000_003 + e,
+                                            reshuffle_each_iteration=False)
+         .take(192).as_numpy_iterator()] for e in range(3)])
+    np.testing.assert_array_equal(
+        labels(first(pipeline._train_batches(base, as_is, 32, 5, 0, 200), 18)), expected)
+    np.testing.assert_array_equal(
+        labels(first(pipeline._train_batches(base, as_is, 32, 5, 8, 200), 10)), expected[256:])
 
 
 def test_process_shards_disjoint_and_covering(fashion_mnist):

@@ -18,11 +18,9 @@ the accelerators belong to JAX.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
-import itertools
 import math
 import os
 import re
@@ -392,8 +390,8 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
                  train: bool, data_dir: str | None = None, seed: int = 0, start_step: int = 0,
                  augment: bool | None = None, num_examples: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 skip_bad_images: bool = False, val_fraction: float | None = None,
-                 total_steps: int | None = None) -> Iterator[dict]:
+                 skip_bad_images: bool = False, val_fraction: float | None = None
+                 ) -> Iterator[dict]:
     """Batches of one split, preprocessed for one model.
 
     Args:
@@ -412,11 +410,6 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
       process_index, process_count: this process's share (default: from JAX).
       skip_bad_images: leave out an image folder's unreadable files (see `_folder_files`).
       val_fraction: an image folder's held-out share of each class (see `_held_out`).
-      total_steps: training, the steps the caller will take. For the in-memory datasets
-        (MNIST, Fashion-MNIST, CIFAR) each next epoch up to that step starts in a background
-        thread while the current one is consumed, so its shuffle buffer is full when it is
-        needed (filling it otherwise stalls the epoch's first batch; README, Benchmarks). The
-        order is the same with or without it.
     Yields:
       {'image': float32 (B, H, W, C), 'label': int32 (B,), 'mask': bool (B,)}, with
       B = global_batch_size // process_count.
@@ -436,13 +429,12 @@ def make_dataset(name: str, split: str, *, info: ModelInfo,
     augment = train if augment is None else augment
     part, per_process = _process_split(spec, split, num_examples, index, count)
     base = _source(spec, part)
-    in_memory = spec.kind == "small"
-    if in_memory:
+    if spec.kind == "small":  # MNIST, Fashion-MNIST, CIFAR: decoded once, kept in memory
         base = base.cache()
     preprocess = _preprocess_fn(spec, info, size, train, augment)
     if train:
-        return _guarded(_train_batches(base, preprocess, batch, seed, start_step, per_process,
-                                       total_steps if in_memory else None), spec, part)
+        return _guarded(_train_batches(base, preprocess, batch, seed, start_step, per_process),
+                        spec, part)
     return _guarded(_eval_batches(base, preprocess, batch, per_process), spec, part)
 
 
@@ -503,41 +495,30 @@ def _cut_short(path: str) -> bool:
     return pos != size
 
 
-def _train_batches(base, preprocess, batch: int, seed: int, start_step: int, n: int,
-                   ahead: int | None = None):
-    """Whole shuffled batches forever; epoch e's order depends only on (seed, e). With `ahead`
-    (a step count), each epoch that starts before that step is opened, and its first batch
-    taken, in a background thread during the epoch before it."""
+def _train_batches(base, preprocess, batch: int, seed: int, start_step: int, n: int):
+    """Whole shuffled batches forever, from one iterator: epoch e is the order in which a
+    shuffle buffer of min(n, 50,000) seeded by seed * 1,000,003 + e emits the split, so it
+    depends only on (seed, e). A new iterator for each epoch had stalled training at every
+    other epoch's end for up to 19 s: tf.data's iterator destructor waits for the iterator's
+    autotuning thread (README, Benchmarks)."""
     steps_per_epoch = n // batch
     if steps_per_epoch == 0:
         raise ValueError(f"the split has {n} examples per process, fewer than one batch of {batch}")
-    epoch, skip = divmod(start_step, steps_per_epoch)
+    first, skip = divmod(start_step, steps_per_epoch)
 
-    def opened(epoch: int, skip: int):
-        epoch_seed = seed * 1_000_003 + epoch
+    def epoch(e):  # e: an int64 scalar tensor
+        epoch_seed = seed * 1_000_003 + e
         ds = base.enumerate().shuffle(min(n, 50_000), seed=epoch_seed,
                                       reshuffle_each_iteration=False)
-        ds = ds.skip(skip * batch).map(lambda i, ex: preprocess(i, ex, tf.constant(epoch_seed,
-                                                                                   tf.int64)),
-                                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        batches = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-        batches = batches.as_numpy_iterator()
-        return itertools.chain([next(batches)], batches)  # the shuffle buffer is full
+        ds = ds.skip(tf.cast(e == first, tf.int64) * (skip * batch)).map(
+            lambda i, ex: preprocess(i, ex, epoch_seed),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.batch(batch, drop_remainder=True)
 
-    pool = concurrent.futures.ThreadPoolExecutor(1, "zoo-next-epoch") if ahead else None
-    upcoming = None
-    try:
-        while True:
-            batches = upcoming.result() if upcoming else opened(epoch, skip)
-            upcoming = (pool.submit(opened, epoch + 1, 0)
-                        if pool and (epoch + 1) * steps_per_epoch < ahead else None)
-            for b in batches:
-                b["mask"] = np.ones(batch, bool)
-                yield b
-            epoch, skip = epoch + 1, 0
-    finally:
-        if pool:
-            pool.shutdown(wait=False, cancel_futures=True)
+    epochs = tf.data.Dataset.range(first, np.iinfo(np.int64).max).flat_map(epoch)
+    for b in epochs.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+        b["mask"] = np.ones(batch, bool)
+        yield b
 
 
 def _eval_batches(base, preprocess, batch: int, n: int):

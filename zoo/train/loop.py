@@ -200,8 +200,7 @@ def _train(config: TrainConfig) -> dict:
             config.dataset, "train", info=setup.info, image_size=config.image_shape,
             global_batch_size=config.recipe.batch_size, train=True, data_dir=config.data_dir,
             seed=config.seed, start_step=start, augment=config.recipe.augment,
-            skip_bad_images=config.skip_bad_images, val_fraction=config.val_fraction,
-            total_steps=setup.total_steps)
+            skip_bad_images=config.skip_bad_images, val_fraction=config.val_fraction)
         if start < setup.total_steps:  # damaged data fails here, before the workdir is written
             batches = itertools.chain([next(batches)], batches)
         # from here on the run owns the workdir
