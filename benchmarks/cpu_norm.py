@@ -32,6 +32,7 @@ def batch_norm_step(module, x):
 
 
 def main(rounds: int = 5, repeats: int = 10) -> None:
+    parallel.keep_host_memory()  # before JAX starts, as the zoo's own scripts
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; median of {rounds} "
           f"interleaved rounds of {repeats} calls")
     print("| batch x map x channels | sum ms | channel_sums ms | ratio | flax BN fwd+bwd ms | "

@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--output")
     args = p.parse_args()
+    parallel.keep_host_memory()  # before JAX starts, as the zoo's own scripts
     options = parallel.compiler_options()
     for spec in args.models:
         name, _, size = spec.partition(":")

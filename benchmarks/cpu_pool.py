@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zoo import parallel
 from zoo.layers import max_pool
 
 SHAPES = [  # (batch, map, channels, window, stride, padding): where the models pool
@@ -50,6 +51,7 @@ def interleaved_ms(fns, x, rounds: int, repeats: int) -> list[float]:
 
 
 def main(rounds: int = 5, repeats: int = 5) -> None:
+    parallel.keep_host_memory()  # before JAX starts, as the zoo's own scripts
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; median of {rounds} "
           f"interleaved rounds of {repeats} calls")
     print("| batch x map x channels, window/stride pad | lax fwd+bwd ms | zoo fwd+bwd ms | "

@@ -20,7 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 import zoo  # noqa: E402
-from zoo import bench  # noqa: E402
+from zoo import bench, parallel  # noqa: E402
 
 
 def main() -> None:
@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--output")
     args = p.parse_args()
+    parallel.keep_host_memory()  # before JAX starts, as the zoo's own scripts
     for name in args.models:
         info = zoo.model_info(name)
         for bs in args.batch_sizes:

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import optax
 
-from zoo import bench
+from zoo import bench, parallel
 
 
 class PlainCNN(nn.Module):
@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--output")
     args = p.parse_args()
+    parallel.keep_host_memory()  # before JAX starts, as the zoo's own scripts
     zoo_t, _ = bench.zoo_timer("simple_cnn", "train", args.batch_size, "float32", (28, 28, 1), 10)
     timers = [zoo_t.start(None, 1, 1.0), plain_timer(args.batch_size).start(None, 1, 1.0)]
     bench.interleave(timers, args.windows)
