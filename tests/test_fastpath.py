@@ -1,6 +1,6 @@
 """The CPU fast paths compute what the plain lax ops compute: max pooling's values and
 gradients (ties included) for the windows, strides, paddings, odd sizes and dtypes the models
-use, one-channel convolutions what lax's computes, Conv's bias gradient what nn.Conv's
+use, one-channel, paired and cols convolutions what lax's computes, Conv's bias gradient what nn.Conv's
 computes, BatchNorm's matmul statistics what flax's
 BatchNorm computes, a `fence`d function what the function computes, and the zoo's CPU compiler
 options (`zoo.parallel.compiler_options`) the same convolutions and train step as XLA's
@@ -175,6 +175,56 @@ def test_which_convolutions_pair_columns(shape, kernel, stride, padding, paired)
         x, w, (stride, stride), padding, dimension_numbers=dn))(x, w))
     pair_kernel = f"f32[3,2,{2 * kernel[2]},{2 * kernel[3]}]"
     assert (pair_kernel in jaxpr) == (paired and jax.default_backend() == "cpu")
+
+
+# (N, H, W, Cin, kh, kw, Cout) of unpadded stride-1 convolutions with large kernels: LeNet's
+# c3, an odd non-square map and kernel, a 7x7 kernel into one channel
+COLS = [(2, 14, 14, 6, 5, 5, 16), (3, 9, 12, 4, 5, 7, 3), (2, 10, 9, 3, 7, 7, 1)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("n, h, w, cin, kh, kw, cout", COLS)
+def test_cols_convolution_equals_lax(n, h, w, cin, kh, kw, cout, dtype):
+    """`conv_cols` is lax's convolution and weight gradient, exactly; its input gradient sums
+    the same products in another order."""
+    rng = np.random.default_rng(h * w + cin)
+    x = jnp.asarray(rng.normal(size=(n, h, w, cin)), dtype)
+    k = jnp.asarray(rng.normal(size=(kh, kw, cin, cout)), dtype)
+    ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, k: layers.conv_cols(x, k, None)
+    (y, vjp), (y_ref, vjp_ref) = jax.vjp(ours, x, k), jax.vjp(ref, x, k)
+    g = jnp.asarray(rng.normal(size=y_ref.shape), dtype)
+    (dx, dk), (dx_ref, dk_ref) = vjp(g), vjp_ref(g)
+    assert dx.shape == x.shape and dx.dtype == dx_ref.dtype
+    for a, b in ((y, y_ref), (dk, dk_ref)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # kh * kw * cout products summed in another order: float32 rounding of each partial sum,
+    # or one bfloat16 rounding (2^-8) of the result either way
+    f32 = lambda a: jnp.abs(a.astype(jnp.float32))
+    terms = jax.vjp(lambda x: ref(x, f32(k)), f32(x))[1](f32(g))[0]
+    eps = kh * kw * cout * 2.0 ** -24 if dtype == jnp.float32 else 2.0 ** -7
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32),
+                               rtol=0, atol=float(eps * jnp.max(terms)))
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding, cols", [
+    ((2, 14, 14, 6), (5, 5, 6, 16), 1, "VALID", True),
+    ((2, 12, 12, 8), (5, 7, 8, 4), 1, "VALID", True),
+    ((2, 14, 14, 6), (5, 5, 6, 16), 1, "SAME", False),
+    ((2, 14, 14, 6), (5, 5, 6, 16), 2, "VALID", False),
+    ((2, 14, 14, 6), (3, 3, 6, 16), 1, "VALID", False),
+    ((2, 14, 14, 1), (5, 5, 1, 6), 1, "VALID", False),
+    ((2, 5, 5, 16), (5, 5, 16, 120), 1, "VALID", False)])
+def test_which_convolutions_take_cols(shape, kernel, stride, padding, cols):
+    """On CPU, unpadded stride-1 convolutions with kernels of at least COLS_MIN_TAPS taps
+    take `conv_cols`, except where a path above them applies (one input channel: taps; at
+    most 2x2 outputs: a matmul); every other convolution does not."""
+    x, w = jnp.zeros(shape), jnp.zeros(kernel)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=dn))(x, w))
+    assert ("conv_cols" in jaxpr) == (cols and jax.default_backend() == "cpu")
 
 
 # (N, H, W, C) of BatchNorm inputs: ResNet-20's stages, an odd map, a dense (N, C) input

@@ -193,10 +193,49 @@ def _conv_pairs_bwd(pads_h, precision, residuals, g):
 conv_pairs.defvjp(_conv_pairs_fwd, _conv_pairs_bwd)
 
 
+# The smallest kernel (taps) of a stride-1 unpadded convolution that `conv_cols` computes on
+# CPU: LeNet's 5x5 c3.
+COLS_MIN_TAPS = 25
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_cols(x, w, precision=None):
+    """lax's stride-1 unpadded ('VALID') NHWC x HWIO convolution, whose input gradient is one
+    matmul of the cotangent with the kernel, (N, Ho, Wo, K) x (K, kh*kw*C), each output pixel's
+    contributions to its kh x kw input window then added into place (col2im), in float32.
+
+    XLA:CPU computes that gradient as a convolution of the cotangent padded by the kernel size
+    less one on every side: on LeNet's c3 (10x10 outputs of a 5x5 kernel into 6 channels) it
+    multiplied about twice as many terms, most of them padding zeros, at a few GFLOP/s, and
+    was the largest op of lenet5's train step. The weight gradient is lax's."""
+    return _lax_conv((1, 1), ((0, 0), (0, 0)), precision)(x, w)
+
+
+def _conv_cols_fwd(x, w, precision):
+    return conv_cols(x, w, precision), (x, w)
+
+
+def _conv_cols_bwd(precision, residuals, g):
+    x, w = residuals
+    kh, kw, c, k = w.shape
+    cols = lax.dot_general(g, w.reshape(kh * kw * c, k), (((3,), (1,)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+    cols = cols.reshape(*g.shape[:3], kh, kw, c)
+    dx = functools.reduce(jnp.add, [
+        jnp.pad(cols[:, :, :, i, j], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
+        for i in range(kh) for j in range(kw)])
+    conv = _lax_conv((1, 1), ((0, 0), (0, 0)), precision)
+    return dx.astype(x.dtype), jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+
+
+conv_cols.defvjp(_conv_cols_fwd, _conv_cols_bwd)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, **kwargs):
-    """`lax.conv_general_dilated`, except for three kinds of NHWC convolution on CPU, where
-    XLA:CPU's convolution is slower than the same sum computed another way
+    """`lax.conv_general_dilated`, except for four kinds of NHWC convolution on CPU, where
+    XLA:CPU's convolution (or its input gradient) is slower than the same sum computed another
+    way
     (`benchmarks/cpu_conv.py` measures them; README, Benchmarks):
 
     - at most 2x2 outputs (ResNet's and VGG's last stage at 32-64 px inputs): one matmul over
@@ -206,7 +245,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       CIFAR ResNets' stem): `conv_taps`, a fused sum of shifted views;
     - stride 1, a 3-wide kernel padded by 1 on both sides of an even width, at most 16
       channels in and out (`PAIRS_MAX_CHANNELS`: the CIFAR ResNets' first stage):
-      `conv_pairs`.
+      `conv_pairs`;
+    - stride 1, no padding, a kernel of at least `COLS_MIN_TAPS` taps (LeNet's c3):
+      `conv_cols`, whose input gradient is a matmul.
 
     Same sum, same parameters.
     """
@@ -232,6 +273,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             and tuple(window_strides) == (1, 1) and lhs.shape[2] % 2 == 0
             and max(cin, cout) <= PAIRS_MAX_CHANNELS):
         return conv_pairs(lhs, rhs, tuple(pads[0]), kwargs.get("precision"))
+    if (tuple(window_strides) == (1, 1) and all(tuple(p) == (0, 0) for p in pads)
+            and kh * kw >= COLS_MIN_TAPS):
+        return conv_cols(lhs, rhs, kwargs.get("precision"))
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     **kwargs)
