@@ -111,6 +111,14 @@ def test_few_channel_convolution_equals_lax(h, k, cin, cout, stride, pad, dtype)
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+def conv_jaxpr(shape, kernel, stride=1, padding="SAME") -> str:
+    """The jaxpr of `zoo.layers.conv_general_dilated` on zeros of these NHWC / HWIO shapes."""
+    x, w = jnp.zeros(shape), jnp.zeros(kernel)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    return str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=dn))(x, w))
+
+
 @pytest.mark.parametrize("k, cin, cout, taps", [
     (3, 1, 64, True), (5, 1, 6, True), (3, 3, 16, True), (3, 3, 32, True), (1, 3, 8, True),
     (3, 3, 64, False), (5, 3, 16, False), (3, 4, 16, False), (7, 3, 64, False),
@@ -118,10 +126,7 @@ def test_few_channel_convolution_equals_lax(h, k, cin, cout, stride, pad, dtype)
 def test_which_convolutions_sum_taps(k, cin, cout, taps):
     """On CPU, one-channel inputs, and RGB inputs with kernels of at most 3x3 into at most 32
     channels, sum taps; every other convolution (and every one off CPU) stays lax's."""
-    x, w = jnp.zeros((2, 12, 12, cin)), jnp.zeros((k, k, cin, cout))
-    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=dn))(x, w))
+    jaxpr = conv_jaxpr((2, 12, 12, cin), (k, k, cin, cout))
     assert ("conv_general_dilated" not in jaxpr) == (taps and jax.default_backend() == "cpu")
 
 
@@ -169,10 +174,7 @@ def test_which_convolutions_pair_columns(shape, kernel, stride, padding, paired)
     """On CPU, stride-1 3-wide kernels padded by 1 on even widths with at most
     PAIRS_MAX_CHANNELS channels in and out take the paired convolution (its (3, 2, 2C, 2K)
     kernel); every other convolution does not."""
-    x, w = jnp.zeros(shape), jnp.zeros(kernel)
-    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
-        x, w, (stride, stride), padding, dimension_numbers=dn))(x, w))
+    jaxpr = conv_jaxpr(shape, kernel, stride, padding)
     pair_kernel = f"f32[3,2,{2 * kernel[2]},{2 * kernel[3]}]"
     assert (pair_kernel in jaxpr) == (paired and jax.default_backend() == "cpu")
 
@@ -220,10 +222,7 @@ def test_which_convolutions_take_cols(shape, kernel, stride, padding, cols):
     """On CPU, unpadded stride-1 convolutions with kernels of at least COLS_MIN_TAPS taps
     take `conv_cols`, except where a path above them applies (one input channel: taps; at
     most 2x2 outputs: a matmul); every other convolution does not."""
-    x, w = jnp.zeros(shape), jnp.zeros(kernel)
-    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
-        x, w, (stride, stride), padding, dimension_numbers=dn))(x, w))
+    jaxpr = conv_jaxpr(shape, kernel, stride, padding)
     assert ("conv_cols" in jaxpr) == (cols and jax.default_backend() == "cpu")
 
 
