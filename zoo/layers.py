@@ -235,8 +235,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, **kwargs):
     """`lax.conv_general_dilated`, except for four kinds of NHWC convolution on CPU, where
     XLA:CPU's convolution (or its input gradient) is slower than the same sum computed another
-    way
-    (`benchmarks/cpu_conv.py` measures them; README, Benchmarks):
+    way (README, Benchmarks; `benchmarks/cpu_conv.py` times the first three):
 
     - at most 2x2 outputs (ResNet's and VGG's last stage at 32-64 px inputs): one matmul over
       the input's patches;
