@@ -25,8 +25,7 @@ import numpy as np
 from jax import lax
 
 from zoo.layers import conv_general_dilated, conv_taps
-from zoo import parallel
-from zoo.parallel import compiler_options
+from zoo.parallel import compiler_options, keep_host_memory
 
 SHAPES = [(32, 1, 512), (32, 2, 512), (32, 2, 256), (32, 4, 256), (32, 4, 512), (8, 7, 512),
           (32, 8, 128), (128, 8, 64), (128, 32, 16)]
@@ -114,7 +113,7 @@ def ms(fn, *args) -> float:
 
 
 def main() -> None:
-    parallel.keep_host_memory()  # before JAX starts, as the zoo's own scripts
+    keep_host_memory()  # before JAX starts, as the zoo's own scripts
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"compiler options {compiler_options()}")
     print("| batch x map x channels | XLA fwd ms | matmul fwd ms | XLA fwd+bwd ms | "

@@ -80,6 +80,15 @@ TAPS = [(28, 3, 1, 32, 1, 1), (32, 5, 1, 6, 1, 0), (9, 5, 1, 4, 2, 2), (10, 3, 3
         (11, 3, 3, 32, 2, 0)]
 
 
+def assert_reordered_sum(got, want, terms, count, dtype):
+    """`got` and `want` sum the same `count` products per element in other orders: within
+    float32 rounding of each partial sum (count * 2^-24 of the largest sum of |products|,
+    `terms`), or one bfloat16 rounding (2^-8) of the result either way."""
+    eps = count * 2.0 ** -24 if dtype == jnp.float32 else 2.0 ** -7
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=0, atol=float(eps * jnp.max(terms)))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("h, k, cin, cout, stride, pad", TAPS)
 def test_few_channel_convolution_equals_lax(h, k, cin, cout, stride, pad, dtype):
@@ -97,15 +106,11 @@ def test_few_channel_convolution_equals_lax(h, k, cin, cout, stride, pad, dtype)
         != (jax.default_backend() == "cpu")
     y, y_ref = jax.jit(ours)(x, w), jax.jit(ref)(x, w)
     assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
-    # k*k*cin products summed in another order: float32 rounding of each partial sum,
-    # or one bfloat16 rounding (2^-8) of the result either way
     terms = jax.jit(lambda x, w: ref(jnp.abs(x), jnp.abs(w)))(x.astype(jnp.float32),
                                                                w.astype(jnp.float32))
-    eps = k * k * cin * 2.0 ** -24 if dtype == jnp.float32 else 2.0 ** -7
     (y1, vjp), (y2, vjp_ref) = jax.vjp(ours, x, w), jax.vjp(ref, x, w)
     for a in (y, y1):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(y_ref, np.float32),
-                                   rtol=0, atol=float(eps * jnp.max(terms)))
+        assert_reordered_sum(a, y_ref, terms, k * k * cin, dtype)
     g = jnp.asarray(rng.normal(size=y2.shape), dtype)
     for a, b in zip(vjp(g), vjp_ref(g)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
@@ -151,15 +156,12 @@ def test_paired_convolution_equals_lax(n, h, w, cin, cout, pads_h, dtype):
     (dx, dk), (dx_ref, dk_ref) = vjp(g), vjp_ref(g)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype and dx.shape == x.shape
     np.testing.assert_array_equal(np.asarray(dk, np.float32), np.asarray(dk_ref, np.float32))
-    # 9 * cin products (9 * cout in the input gradient) summed in another order: float32
-    # rounding of each partial sum, or one bfloat16 rounding (2^-8) of the result either way
+    # 9 * cin products (9 * cout in the input gradient)
     f32 = lambda a: jnp.abs(a.astype(jnp.float32))
     terms = ref(f32(x), f32(k))
     terms_dx = jax.vjp(lambda x: ref(x, f32(k)), f32(x))[1](f32(g))[0]
     for a, b, t, count in ((y, y_ref, terms, cin), (dx, dx_ref, terms_dx, cout)):
-        eps = 9 * count * 2.0 ** -24 if dtype == jnp.float32 else 2.0 ** -7
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=0, atol=float(eps * jnp.max(t)))
+        assert_reordered_sum(a, b, t, 9 * count, dtype)
 
 
 @pytest.mark.parametrize("shape, kernel, stride, padding, paired", [
@@ -201,13 +203,9 @@ def test_cols_convolution_equals_lax(n, h, w, cin, kh, kw, cout, dtype):
     assert dx.shape == x.shape and dx.dtype == dx_ref.dtype
     for a, b in ((y, y_ref), (dk, dk_ref)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    # kh * kw * cout products summed in another order: float32 rounding of each partial sum,
-    # or one bfloat16 rounding (2^-8) of the result either way
     f32 = lambda a: jnp.abs(a.astype(jnp.float32))
     terms = jax.vjp(lambda x: ref(x, f32(k)), f32(x))[1](f32(g))[0]
-    eps = kh * kw * cout * 2.0 ** -24 if dtype == jnp.float32 else 2.0 ** -7
-    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32),
-                               rtol=0, atol=float(eps * jnp.max(terms)))
+    assert_reordered_sum(dx, dx_ref, terms, kh * kw * cout, dtype)
 
 
 @pytest.mark.parametrize("shape, kernel, stride, padding, cols", [
