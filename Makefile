@@ -1,5 +1,6 @@
 # The two set-up commands of the README:
 #   make train   venv + offline Fashion-MNIST + train simple_cnn + evaluate it (prints the accuracy)
+#                (the venv step also installs oneDNN where apt-get may: zoo.onednn)
 #   make test    venv with the test extras + the whole test suite (what CI runs)
 PY := .venv/bin/python
 # torch for weight conversion tests: the light CPU build this machine kind carries (see README)
@@ -21,6 +22,11 @@ data: .venv/.base
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
+	@# oneDNN's CPU convolutions (zoo.onednn): Debian's libdnnl-dev, where apt-get may install it
+	@test -e /usr/include/oneapi/dnnl/dnnl.hpp || [ "$$(id -u)" != 0 ] || \
+	  ! command -v apt-get >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq libdnnl-dev >/dev/null) || echo "could not install libdnnl-dev"
+	$(PY) -c "from zoo import onednn; print('CPU convolutions:', onednn.status())"
 	touch $@
 
 .venv/.test: .venv/.base

@@ -19,7 +19,7 @@ import pytest
 from jax import lax
 
 import zoo
-from zoo import layers, parallel, training
+from zoo import layers, onednn, parallel, training
 
 # (H, W, window, stride, padding, ceil_mode): simple_cnn/VGG/LeNet 2x2 (even and odd maps,
 # 7 -> 3 drops a row), AlexNet's and ResNet's 3x3/2 (pad 0 and 1), GoogLeNet's ceil_mode pools
@@ -94,7 +94,8 @@ def assert_reordered_sum(got, want, terms, count, dtype):
 def test_few_channel_convolution_equals_lax(h, k, cin, cout, stride, pad, dtype):
     """A one- or three-channel input's convolution on CPU sums the kernel's taps over the channels (the
     same terms as lax's convolution, in another order), in inference and under
-    differentiation; its gradients are lax's, exactly."""
+    differentiation; its gradients are oneDNN's where it runs (float32: the same products in
+    other orders), else lax's, exactly."""
     rng = np.random.default_rng(h + k)
     x = jnp.asarray(rng.normal(size=(3, h, h + 1, cin)), dtype)
     w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), dtype)
@@ -112,13 +113,36 @@ def test_few_channel_convolution_equals_lax(h, k, cin, cout, stride, pad, dtype)
     for a in (y, y1):
         assert_reordered_sum(a, y_ref, terms, k * k * cin, dtype)
     g = jnp.asarray(rng.normal(size=y2.shape), dtype)
-    for a, b in zip(vjp(g), vjp_ref(g)):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    if dtype == jnp.float32 and onednn.available():  # oneDNN's gradients
+        assert_gradients_reordered(ref, x, w, g, vjp(g), dtype)
+    else:
+        for a, b in zip(vjp(g), vjp_ref(g)):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-def conv_jaxpr(shape, kernel, stride=1, padding="SAME") -> str:
+def assert_gradients_reordered(ref, x, w, g, got, dtype):
+    """`got` = (dx, dw) of the convolution `ref` at (x, w) with cotangent `g` sums the same
+    products as lax's (kh kw K per input-gradient element, N Ho Wo per weight-gradient one) in
+    other orders."""
+    f32 = lambda a: jnp.abs(a.astype(jnp.float32))
+    terms = jax.vjp(ref, f32(x), f32(w))[1](f32(g))
+    want = jax.vjp(ref, x, w)[1](g)
+    kh, kw, _, k = w.shape
+    counts = (kh * kw * k, g.shape[0] * g.shape[1] * g.shape[2])
+    for a, b, t, count in zip(got, want, terms, counts):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert_reordered_sum(a, b, t, count, dtype)
+
+
+@pytest.fixture
+def no_onednn(monkeypatch):
+    """The CPU convolutions as where `zoo.onednn` cannot run."""
+    monkeypatch.setattr(onednn, "available", lambda: False)
+
+
+def conv_jaxpr(shape, kernel, stride=1, padding="SAME", dtype=jnp.float32) -> str:
     """The jaxpr of `zoo.layers.conv_general_dilated` on zeros of these NHWC / HWIO shapes."""
-    x, w = jnp.zeros(shape), jnp.zeros(kernel)
+    x, w = jnp.zeros(shape, dtype), jnp.zeros(kernel, dtype)
     dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     return str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
         x, w, (stride, stride), padding, dimension_numbers=dn))(x, w))
@@ -130,9 +154,11 @@ def conv_jaxpr(shape, kernel, stride=1, padding="SAME") -> str:
     (1, 16, 16, False), (3, 2, 16, False)])
 def test_which_convolutions_sum_taps(k, cin, cout, taps):
     """On CPU, one-channel inputs, and RGB inputs with kernels of at most 3x3 into at most 32
-    channels, sum taps; every other convolution (and every one off CPU) stays lax's."""
+    channels, sum taps; every other convolution (and every one off CPU) is a convolution,
+    lax's or oneDNN's."""
     jaxpr = conv_jaxpr((2, 12, 12, cin), (k, k, cin, cout))
-    assert ("conv_general_dilated" not in jaxpr) == (taps and jax.default_backend() == "cpu")
+    convolves = "conv_general_dilated" in jaxpr or "ZooConvForward" in jaxpr
+    assert (not convolves) == (taps and jax.default_backend() == "cpu")
 
 
 # (N, H, W, Cin, Cout, height padding) of paired convolutions: ResNet-20's first stage, an odd
@@ -172,8 +198,8 @@ def test_paired_convolution_equals_lax(n, h, w, cin, cout, pads_h, dtype):
     ((2, 8, 8, 16), (3, 3, 16, 16), 2, "SAME", False),
     ((2, 8, 8, 16), (5, 5, 16, 16), 1, "SAME", False),
     ((2, 8, 8, 16), (3, 3, 16, 16), 1, "VALID", False)])
-def test_which_convolutions_pair_columns(shape, kernel, stride, padding, paired):
-    """On CPU, stride-1 3-wide kernels padded by 1 on even widths with at most
+def test_which_convolutions_pair_columns(shape, kernel, stride, padding, paired, no_onednn):
+    """On CPU without oneDNN, stride-1 3-wide kernels padded by 1 on even widths with at most
     PAIRS_MAX_CHANNELS channels in and out take the paired convolution (its (3, 2, 2C, 2K)
     kernel); every other convolution does not."""
     jaxpr = conv_jaxpr(shape, kernel, stride, padding)
@@ -216,8 +242,8 @@ def test_cols_convolution_equals_lax(n, h, w, cin, kh, kw, cout, dtype):
     ((2, 14, 14, 6), (3, 3, 6, 16), 1, "VALID", False),
     ((2, 14, 14, 1), (5, 5, 1, 6), 1, "VALID", False),
     ((2, 5, 5, 16), (5, 5, 16, 120), 1, "VALID", False)])
-def test_which_convolutions_take_cols(shape, kernel, stride, padding, cols):
-    """On CPU, unpadded stride-1 convolutions with kernels of at least COLS_MIN_TAPS taps
+def test_which_convolutions_take_cols(shape, kernel, stride, padding, cols, no_onednn):
+    """On CPU without oneDNN, unpadded stride-1 convolutions with kernels of at least COLS_MIN_TAPS taps
     take `conv_cols`, except where a path above them applies (one input channel: taps; at
     most 2x2 outputs: a matmul); every other convolution does not."""
     jaxpr = conv_jaxpr(shape, kernel, stride, padding)

@@ -44,17 +44,20 @@ def synthetic(n=32, seed=0):
 
 def test_loss_falls_and_metrics():
     model = zoo.create_model("simple_cnn")
-    tx = training.make_optimizer(training.Recipe("adam", 3e-3), optax.constant_schedule(3e-3))
+    # at 3e-3 Adam oscillated on this batch, and where 30 steps ended (the accuracy) hung on
+    # float rounding (oneDNN's convolutions against XLA's: 44% against 69%); at 1e-3 both
+    # paths end at the same place
+    tx = training.make_optimizer(training.Recipe("adam", 1e-3), optax.constant_schedule(1e-3))
     state = training.create_train_state(model, tx, (28, 28, 1))
     step = jax.jit(training.train_step)
     batch = synthetic()
     losses = []
-    for _ in range(30):
+    for _ in range(60):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0]
     assert 0 <= float(metrics["top1"]) <= float(metrics["top5"]) <= 100  # %, as evaluate's
-    assert int(state.step) == 30
+    assert int(state.step) == 60
     r = training.evaluate(model, {"params": state.params}, iter([batch]))
     assert r["num_examples"] == 32 and r["top1"] > 50
 

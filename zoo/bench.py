@@ -496,6 +496,7 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the bench of parsed arguments; returns the JSON object."""
     import zoo
+    from zoo import onednn
 
     if args.torch_only and args.against != "torch":
         raise ValueError("--torch-only needs --against torch")
@@ -559,7 +560,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             step_flops_per_image=step_flops, peak_tflops=peak,
             peak_memory_bytes=_jax_peak_memory(devices), donate=not args.no_donate,
             remat=args.remat, jax_version=jax.__version__,
-            compiler_options=zoo.parallel.compiler_options(devices))
+            compiler_options=zoo.parallel.compiler_options(devices),
+            cpu_convolutions=onednn.status() if backend == "cpu" else None)
     else:
         result.update(flops_per_image=fwd, step_flops_per_image=step_flops)
     if torch_info is not None:

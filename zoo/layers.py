@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 from jax import lax
 
+from zoo import onednn
 from zoo.arithmetic import (  # noqa: F401  (re-exported: zoo.layers.conv_output_size etc.)
     KERNELS, apply_filter, conv_formula, conv_output_size, conv_param_count, dense_param_count,
     leftover, receptive_field, steps_per_epoch)
@@ -87,6 +88,12 @@ def _views(x, kernel, strides, out):
             for i in range(kh) for j in range(kw)]
 
 
+def _takes_onednn(x, w) -> bool:
+    """Whether a CPU convolution of `x` with `w` is oneDNN's (`zoo.onednn`): float32, where
+    the handlers are built."""
+    return x.dtype == w.dtype == jnp.float32 and x.size > 0 and onednn.available()
+
+
 # The RGB convolutions that take `conv_taps` on CPU: kernels of at most 3x3 (the CIFAR ResNets'
 # and Inception-v3's stems) into at most 32 channels (VGG's 64-channel stem at 224 px lost in
 # training).
@@ -103,7 +110,7 @@ def conv_taps(x, w, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
     The sum is computed once (`fence`) wherever XLA would otherwise recompute it inside each
     consumer: always under differentiation (the backward pass adds consumers), and in inference
     above 9 taps (LeNet's 5x5 feeds a 2x2 pool, which re-read all 25 taps per window element).
-    The gradients are lax's convolution's.
+    The gradients are oneDNN's convolution's (`zoo.onednn`) where it runs, else lax's.
     """
     if w.shape[0] * w.shape[1] > 9:
         return _fenced_taps(x, w, strides, pads)
@@ -135,7 +142,10 @@ def _conv_taps_fwd(x, w, strides, pads, precision):
 
 
 def _conv_taps_bwd(strides, pads, precision, residuals, g):
-    return jax.vjp(_lax_conv(strides, pads, precision), *residuals)[1](g)
+    x, w = residuals
+    if _takes_onednn(x, w):
+        return jax.vjp(lambda x, w: onednn.conv(x, w, strides, pads), x, w)[1](g)
+    return jax.vjp(_lax_conv(strides, pads, precision), x, w)[1](g)
 
 
 conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
@@ -233,7 +243,7 @@ conv_cols.defvjp(_conv_cols_fwd, _conv_cols_bwd)
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, **kwargs):
-    """`lax.conv_general_dilated`, except for four kinds of NHWC convolution on CPU, where
+    """`lax.conv_general_dilated`, except for these kinds of NHWC convolution on CPU, where
     XLA:CPU's convolution (or its input gradient) is slower than the same sum computed another
     way (README, Benchmarks; `benchmarks/cpu_conv.py` times the first three):
 
@@ -242,11 +252,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     - one input channel (MNIST-like images' first convolution), or RGB with a kernel of at
       most 3x3 into at most 32 channels (`TAPS_RGB_MAX_TAPS`, `TAPS_RGB_MAX_FEATURES`: the
       CIFAR ResNets' stem): `conv_taps`, a fused sum of shifted views;
-    - stride 1, a 3-wide kernel padded by 1 on both sides of an even width, at most 16
-      channels in and out (`PAIRS_MAX_CHANNELS`: the CIFAR ResNets' first stage):
-      `conv_pairs`;
-    - stride 1, no padding, a kernel of at least `COLS_MIN_TAPS` taps (LeNet's c3):
-      `conv_cols`, whose input gradient is a matmul.
+    - every other float32 convolution, where `zoo.onednn` runs: oneDNN's, forward and both
+      gradients;
+    - without oneDNN: stride 1, a 3-wide kernel padded by 1 on both sides of an even width, at
+      most 16 channels in and out (`PAIRS_MAX_CHANNELS`: the CIFAR ResNets' first stage):
+      `conv_pairs`; stride 1, no padding, a kernel of at least `COLS_MIN_TAPS` taps (LeNet's
+      c3): `conv_cols`, whose input gradient is a matmul.
 
     Same sum, same parameters.
     """
@@ -258,16 +269,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         **kwargs)
     pads, (ho, wo) = geometry
+    kh, kw, cin, cout = rhs.shape
     if ho * wo <= 4:
         x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
         patches = jnp.concatenate(  # (N, Ho, Wo, kh*kw*C), in the order of HWIO's reshape
             _views(x, rhs.shape[:2], window_strides, (ho, wo)), axis=-1)
         return lax.dot_general(patches, rhs.reshape(-1, rhs.shape[-1]),
                                (((3,), (0,)), ((), ())), precision=kwargs.get("precision"))
-    kh, kw, cin, cout = rhs.shape
     if cin == 1 or (cin == 3 and kh * kw <= TAPS_RGB_MAX_TAPS
                     and cout <= TAPS_RGB_MAX_FEATURES):
         return conv_taps(lhs, rhs, tuple(window_strides), pads, kwargs.get("precision"))
+    if _takes_onednn(lhs, rhs):
+        return onednn.conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, pads)))
     if (kw == 3 and pads[1] == (1, 1) and all(0 <= p < kh for p in pads[0])
             and tuple(window_strides) == (1, 1) and lhs.shape[2] % 2 == 0
             and max(cin, cout) <= PAIRS_MAX_CHANNELS):
