@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from zoo import bench
+from zoo import bench, onednn
 
 POSITIVE = ("batch_size", "devices", "images_per_sec", "step_ms", "flops_per_image",
             "step_flops_per_image", "tflops")
@@ -56,6 +56,9 @@ def test_lenet5_two_steps_prints_valid_json(capsys, mode):
         assert is_positive(eager["images_per_sec"]) and is_positive(eager["step_ms"])
         assert out["torch"]["compile"] is None and "skipped" in out["torch"]["compile_note"]
         assert out["ratio_against"] == "torch eager"
+        # oneDNN's OpenMP threads would share torch's runtime: torch is timed apart
+        assert out["torch"]["process"] == ("separate" if onednn.available() else "same")
+        assert eager["windows"] == 1 and eager["steps_per_window"] == 2
         assert out["ratio"] == pytest.approx(out["images_per_sec"] / eager["images_per_sec"],
                                              rel=1e-2)
 
@@ -97,3 +100,13 @@ def test_peak_table():
 def test_bad_input_is_one_line_error(capsys):
     assert bench.cli(["lenet5", "--image-size", "16"]) == 2
     assert "--image-size" in capsys.readouterr().err
+
+
+def test_torch_apart_relays_a_readable_error():
+    """torch's Timers in a child process (beside oneDNN's convolutions): a ValueError there is
+    the same one-line ValueError here, not a child's traceback."""
+    pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="vgg11 takes 3 channels, not 1"):
+        bench.torch_timers_apart((2, 0, 1.0), name="vgg11", mode="train", batch_size=2,
+                                 dtype="float32", input_shape=(32, 32, 1), num_classes=10,
+                                 compile_mode="auto")

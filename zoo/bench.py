@@ -26,7 +26,11 @@ machine shared with other work slows each alike; `ratio_vs_torch_*` (zoo / torch
 the median of the per-window ratios. JAX's GPU preallocation is switched off for such a run so
 both fit one GPU. On CPU `torch.compile` is skipped unless `--torch-compile on`: Inductor needs
 tens of seconds to minutes of C++ compilation per model on a 2-core machine, over the bench's
-budget; the JSON says so (`torch.compile_note`).
+budget; the JSON says so (`torch.compile_note`). Where the zoo's CPU convolutions are
+oneDNN's, torch's windows run in a child process (`torch_timers_apart`; `torch.process`
+says which): oneDNN's OpenMP threads would share torch's OpenMP runtime (libgomp, loaded once
+per process), whose threads then outnumber the cores, and libgomp then stops spinning between
+parallel regions, which slowed torch eager's small ops by up to 40% here.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -452,6 +457,69 @@ def torch_timers(name: str, mode: str, batch_size: int, dtype: str, input_shape,
     return timers, info
 
 
+class _ChildTimer(Timer):
+    """A started Timer whose windows run in the child process of `torch_timers_apart`."""
+
+    def __init__(self, label: str, first_s: float, steps: int, child: subprocess.Popen):
+        super().__init__(label, step=None, sync=None)
+        self.first_s, self.steps, self.child = first_s, steps, child
+
+    def window(self) -> float:
+        self.child.stdin.write(self.label + "\n")
+        self.child.stdin.flush()
+        self.times.append(_child_reply(self.child))
+        return self.times[-1]
+
+
+def _child_reply(child: subprocess.Popen):
+    line = child.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the torch bench process ended (exit status {child.wait()}; "
+                           "its error is above)")
+    reply = json.loads(line)
+    if isinstance(reply, dict) and "error" in reply:  # a ValueError of torch_timers, for people
+        raise ValueError(reply["error"])
+    return reply
+
+
+def torch_timers_apart(start_args: tuple, **kwargs) -> tuple[list[Timer], dict]:
+    """`torch_timers(**kwargs)` (on CPU), started with `Timer.start(*start_args)` in a child
+    process whose windows run when the returned Timers' `window()` asks: torch measured with
+    an OpenMP runtime of its own (module docstring). The child ends with the parent."""
+    request = json.dumps({"start_args": start_args, **kwargs})
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from zoo import bench; "
+         "bench.serve_torch_timers(sys.argv[1])", request],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ready = _child_reply(child)
+    info = {**ready["info"], "peak_memory_fn": None, "process": "separate"}
+    return [_ChildTimer(t["label"], t["first_s"], t["steps"], child)
+            for t in ready["timers"]], info
+
+
+def serve_torch_timers(request: str) -> None:
+    """The child of `torch_timers_apart`: makes and starts the Timers, answers with their
+    labels, first-call times and steps per window, then runs one window of the Timer named by
+    each line of stdin and answers with its step time, until stdin closes."""
+    from zoo import parallel
+
+    parallel.keep_host_memory()  # the malloc settings of the parent, which torch ran under
+    kwargs = json.loads(request)
+    start_args = kwargs.pop("start_args")
+    try:
+        timers, info = torch_timers(start=lambda t: t.start(*start_args), **kwargs)
+    except ValueError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+        return
+    info.pop("peak_memory_fn")
+    by_label = {t.label: t for t in timers}
+    print(json.dumps({"info": info, "timers": [
+        {"label": t.label, "first_s": t.first_s, "steps": t.steps} for t in timers]}),
+        flush=True)
+    for line in sys.stdin:
+        print(json.dumps(by_label[line.strip()].window()), flush=True)
+
+
 # ------------------------------------------------------------------------------- CLI
 
 
@@ -536,16 +604,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = lambda t: t.start(args.steps, warmup, args.window_s)
 
     timers, torch_info = [], None
-    if args.against == "torch":
+    if args.against == "torch" and not args.torch_only and backend == "cpu" \
+            and onednn.available():
+        timers, torch_info = torch_timers_apart(
+            (args.steps, warmup, args.window_s), name=args.model,
+            compile_mode=args.torch_compile, aux_loss_weight=info.aux_loss_weight, **common)
+    elif args.against == "torch":
         timers, torch_info = torch_timers(args.model, compile_mode=args.torch_compile,
                                           aux_loss_weight=info.aux_loss_weight, start=start,
                                           **common)
+        torch_info["process"] = "same"
     zoo_t = devices = None
     if not args.torch_only:
         zoo_t, devices = zoo_timer(args.model, donate=not args.no_donate, remat=args.remat,
                                    **common)
         start(zoo_t)
     interleave(([zoo_t] if zoo_t else []) + timers, windows)  # zoo, eager, compile, zoo, ...
+    for child in {t.child for t in timers if isinstance(t, _ChildTimer)}:
+        child.stdin.close()  # the child's loop ends
+        child.wait()
     if args.trace and zoo_t:  # one more window under the profiler, outside the timed ones
         with jax.profiler.trace(args.trace):
             zoo_t.window()

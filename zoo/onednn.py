@@ -83,13 +83,18 @@ def _load() -> tuple[str | None, str]:
 
 
 def available() -> bool:
-    """Whether `conv` can run here: on CPU, with the handlers built and loaded."""
-    return jax.default_backend() == "cpu" and _load()[0] is not None
+    """Whether the zoo's CPU convolutions are `conv`: on CPU with one host device (with more,
+    each device's program would start oneDNN's threads on every core), the handlers built."""
+    return (jax.default_backend() == "cpu" and jax.local_device_count() == 1
+            and _load()[0] is not None)
 
 
 def status() -> str:
     """'oneDNN <version>', or why the CPU convolutions are XLA's."""
     version, why = _load()
+    if version and jax.local_device_count() > 1:
+        version, why = None, (f"{jax.local_device_count()} host devices (oneDNN's threads "
+                              "would oversubscribe the cores)")
     return f"oneDNN {version}" if version else f"XLA's: {why}"
 
 
