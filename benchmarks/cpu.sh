@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU table of the README: zoo vs torch eager, side by side in one process per run.
+# The CPU table of the README: zoo vs torch eager, interleaved windows in one run each (torch in
+# a child process where the zoo's convolutions are oneDNN's: zoo.bench.torch_timers_apart).
 #   bash benchmarks/cpu.sh [OUT.jsonl]     (default benchmarks/results/cpu_<date>.jsonl)
 # simple_cnn, lenet5, resnet20 and resnet18 at 64 px, train and infer, batch 64 and 128, on the
 # default one host device; then simple_cnn's and resnet20's train runs again on one host device
