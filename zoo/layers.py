@@ -90,7 +90,7 @@ def _views(x, kernel, strides, out):
 
 def _takes_onednn(x, w) -> bool:
     """Whether a CPU convolution of `x` with `w` is oneDNN's (`zoo.onednn`): float32, where
-    the handlers are built."""
+    `onednn.available()` (built, one host device)."""
     return x.dtype == w.dtype == jnp.float32 and x.size > 0 and onednn.available()
 
 
