@@ -82,20 +82,28 @@ def _load() -> tuple[str | None, str]:
     return lib.zoo_onednn_version().decode(), ""
 
 
+def _why_not() -> str | None:
+    """Why the zoo's CPU convolutions are not `conv` in this process, None where they are:
+    the handlers must be built, and there must be one host device (with more, each device's
+    program would start oneDNN's threads on every core)."""
+    version, why = _load()
+    if version is None:
+        return why
+    if jax.local_device_count() > 1:
+        return (f"{jax.local_device_count()} host devices (oneDNN's threads would "
+                "oversubscribe the cores)")
+    return None
+
+
 def available() -> bool:
-    """Whether the zoo's CPU convolutions are `conv`: on CPU with one host device (with more,
-    each device's program would start oneDNN's threads on every core), the handlers built."""
-    return (jax.default_backend() == "cpu" and jax.local_device_count() == 1
-            and _load()[0] is not None)
+    """Whether the zoo's CPU convolutions are `conv` (on CPU, `status()` says why not)."""
+    return jax.default_backend() == "cpu" and _why_not() is None
 
 
 def status() -> str:
     """'oneDNN <version>', or why the CPU convolutions are XLA's."""
-    version, why = _load()
-    if version and jax.local_device_count() > 1:
-        version, why = None, (f"{jax.local_device_count()} host devices (oneDNN's threads "
-                              "would oversubscribe the cores)")
-    return f"oneDNN {version}" if version else f"XLA's: {why}"
+    why = _why_not()
+    return f"XLA's: {why}" if why else f"oneDNN {_load()[0]}"
 
 
 def _call(target, shape, a, b, strides, pads):
