@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -89,6 +90,14 @@ memory Scratchpad(const memory::desc& desc) {
   return memory(desc, Engine(), buffer.data());
 }
 
+// Runs `primitive` (described by `pd`) on `args` in `s`, with the calling thread's scratchpad.
+template <typename PrimitiveDesc>
+void Execute(const dnnl::primitive& primitive, const PrimitiveDesc& pd, dnnl::stream& s,
+             std::unordered_map<int, memory> args) {
+  args.emplace(DNNL_ARG_SCRATCHPAD, Scratchpad(pd.scratchpad_desc()));
+  primitive.execute(s, args);
+}
+
 template <typename F>
 ffi::Error Run(F&& f) {
   try {
@@ -106,12 +115,12 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Result
     auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
     auto p = Get({xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], wd[3], wd[0], wd[1],
                   sh, sw, ph0, ph1, pw0, pw1});
+    const auto& pd = p->forward_pd;
     dnnl::stream s(Engine());
-    memory xm(p->forward_pd.src_desc(), Engine(), x.typed_data());
-    memory ym(p->forward_pd.dst_desc(), Engine(), y->typed_data());
-    memory wm = Weights(*p, p->forward_pd.weights_desc(), w.typed_data(), s);
-    p->forward.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
-                           {DNNL_ARG_SCRATCHPAD, Scratchpad(p->forward_pd.scratchpad_desc())}});
+    Execute(p->forward, pd, s,
+            {{DNNL_ARG_SRC, memory(pd.src_desc(), Engine(), x.typed_data())},
+             {DNNL_ARG_WEIGHTS, Weights(*p, pd.weights_desc(), w.typed_data(), s)},
+             {DNNL_ARG_DST, memory(pd.dst_desc(), Engine(), y->typed_data())}});
     s.wait();
   });
 }
@@ -124,13 +133,12 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
     auto gd = g.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
     auto p = Get({xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], wd[3], wd[0], wd[1],
                   sh, sw, ph0, ph1, pw0, pw1});
+    const auto& pd = p->data_pd;
     dnnl::stream s(Engine());
-    memory gm(p->data_pd.diff_dst_desc(), Engine(), g.typed_data());
-    memory dxm(p->data_pd.diff_src_desc(), Engine(), dx->typed_data());
-    memory wm = Weights(*p, p->data_pd.weights_desc(), w.typed_data(), s);
-    p->data.execute(s, {{DNNL_ARG_DIFF_DST, gm}, {DNNL_ARG_WEIGHTS, wm},
-                        {DNNL_ARG_DIFF_SRC, dxm},
-                        {DNNL_ARG_SCRATCHPAD, Scratchpad(p->data_pd.scratchpad_desc())}});
+    Execute(p->data, pd, s,
+            {{DNNL_ARG_DIFF_DST, memory(pd.diff_dst_desc(), Engine(), g.typed_data())},
+             {DNNL_ARG_WEIGHTS, Weights(*p, pd.weights_desc(), w.typed_data(), s)},
+             {DNNL_ARG_DIFF_SRC, memory(pd.diff_src_desc(), Engine(), dx->typed_data())}});
     s.wait();
   });
 }
@@ -143,15 +151,15 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
     auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
     auto p = Get({xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], wd[3], wd[0], wd[1],
                   sh, sw, ph0, ph1, pw0, pw1});
+    const auto& pd = p->weights_pd;
     dnnl::stream s(Engine());
-    memory xm(p->weights_pd.src_desc(), Engine(), x.typed_data());
-    memory gm(p->weights_pd.diff_dst_desc(), Engine(), g.typed_data());
     memory hwio(p->hwio, Engine(), dw->typed_data());
-    bool direct = p->weights_pd.diff_weights_desc() == p->hwio;
-    memory dwm = direct ? hwio : memory(p->weights_pd.diff_weights_desc(), Engine());
-    p->weights.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, gm},
-                           {DNNL_ARG_DIFF_WEIGHTS, dwm},
-                           {DNNL_ARG_SCRATCHPAD, Scratchpad(p->weights_pd.scratchpad_desc())}});
+    bool direct = pd.diff_weights_desc() == p->hwio;
+    memory dwm = direct ? hwio : memory(pd.diff_weights_desc(), Engine());
+    Execute(p->weights, pd, s,
+            {{DNNL_ARG_SRC, memory(pd.src_desc(), Engine(), x.typed_data())},
+             {DNNL_ARG_DIFF_DST, memory(pd.diff_dst_desc(), Engine(), g.typed_data())},
+             {DNNL_ARG_DIFF_WEIGHTS, dwm}});
     if (!direct) dnnl::reorder(dwm, hwio).execute(s, dwm, hwio);
     s.wait();
   });
